@@ -1,0 +1,217 @@
+/* Encoding and decoding of the image's parts; layout in docs/image-format.md. */
+#include "fs_internal.h"
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+static const char LV_MAGIC[16] = "LibvirtQemudSave";
+static const char META_TAG[8] = "FSV-META";
+static const char INDEX_TAG[8] = "FSV-INDX";
+static const char TAIL_TAG[8] = "FSV-TAIL";
+
+#define META_FIXED 72u
+#define TRAILER_CONTENT (FS_TRAILER_SIZE - 8u)
+
+static void put_skip_header(uint8_t *p, uint32_t content_len)
+{
+    fs_put32(p, FS_SKIP_MAGIC);
+    fs_put32(p + 4, content_len);
+}
+
+/* The stream starts on an FS_ALIGN boundary so O_DIRECT can write it as is. */
+uint64_t fs_payload_offset(uint64_t xml_len)
+{
+    return fs_align_up(FS_LV_HEADER_SIZE + xml_len + 1, FS_ALIGN);
+}
+
+/* libvirt's QEMU save header v2 (native endian, as libvirt writes it) and the
+ * XML region: XML, NUL, zero padding. `buf` holds payload_offset zero bytes. */
+void fs_encode_prefix(uint8_t *buf, uint64_t payload_offset, uint32_t lv_format,
+                      uint32_t was_running, const char *xml, uint64_t xml_len)
+{
+    uint32_t words[6] = {2, (uint32_t)(payload_offset - FS_LV_HEADER_SIZE), was_running ? 1 : 0,
+                         lv_format, 0, 0};
+    memcpy(buf, LV_MAGIC, 16);
+    memcpy(buf + 16, words, 5 * sizeof(uint32_t));
+    if (xml_len)
+        memcpy(buf + FS_LV_HEADER_SIZE, xml, xml_len);
+}
+
+size_t fs_meta_size(const struct fs_meta *m)
+{
+    return 8 + fs_align_up(META_FIXED + m->name_len + m->version_len, 8) + 8;
+}
+
+void fs_encode_meta(uint8_t *buf, const struct fs_meta *m)
+{
+    size_t total = fs_meta_size(m);
+    uint8_t *c = buf + 8;
+    size_t hash_at = total - 8 - 8;
+    memset(buf, 0, total);
+    put_skip_header(buf, (uint32_t)(total - 8));
+    memcpy(c, META_TAG, 8);
+    fs_put16(c + 8, FS_FORMAT_MAJOR);
+    fs_put16(c + 10, FS_FORMAT_MINOR);
+    fs_put32(c + 12, META_FIXED);
+    fs_put32(c + 16, m->codec);
+    fs_put32(c + 20, (uint32_t)m->level);
+    fs_put32(c + 24, m->chunk_size);
+    fs_put32(c + 28, m->was_running);
+    fs_put32(c + 32, m->auto_mode ? 1 : 0);
+    fs_put16(c + 36, (uint16_t)m->name_len);
+    fs_put16(c + 38, (uint16_t)m->version_len);
+    fs_put64(c + 40, m->stream_len);
+    fs_put64(c + 48, (uint64_t)m->created_ns);
+    memcpy(c + 56, m->uuid, 16);
+    if (m->name_len)
+        memcpy(c + META_FIXED, m->name, m->name_len);
+    if (m->version_len)
+        memcpy(c + META_FIXED + m->name_len, m->version, m->version_len);
+    fs_put64(c + hash_at, XXH3_64bits(c, hash_at));
+}
+
+/* `buf` is the whole frame, `len` its size as located by the trailer. */
+int fs_decode_meta(const uint8_t *buf, size_t len, struct fs_meta *m, const char **why)
+{
+    const uint8_t *c = buf + 8;
+    size_t clen, fixed;
+    if (len < 8 + META_FIXED + 8 || fs_get32(buf) != FS_SKIP_MAGIC) {
+        *why = "metadata frame missing";
+        return FS_ERR_CORRUPT;
+    }
+    clen = fs_get32(buf + 4);
+    if (clen != len - 8 || memcmp(c, META_TAG, 8) != 0 || clen % 8 != 0) {
+        *why = "metadata frame malformed";
+        return FS_ERR_CORRUPT;
+    }
+    if (fs_get64(c + clen - 8) != XXH3_64bits(c, clen - 8)) {
+        *why = "metadata checksum mismatch";
+        return FS_ERR_CORRUPT;
+    }
+    m->major = fs_get16(c + 8);
+    m->minor = fs_get16(c + 10);
+    if (m->major != FS_FORMAT_MAJOR) {
+        *why = "metadata has an unsupported major version";
+        return FS_ERR_VERSION;
+    }
+    fixed = fs_get32(c + 12);
+    m->codec = fs_get32(c + 16);
+    m->level = (int32_t)fs_get32(c + 20);
+    m->chunk_size = fs_get32(c + 24);
+    m->was_running = fs_get32(c + 28);
+    m->auto_mode = fs_get32(c + 32) & 1;
+    m->name_len = fs_get16(c + 36);
+    m->version_len = fs_get16(c + 38);
+    m->stream_len = fs_get64(c + 40);
+    m->created_ns = (int64_t)fs_get64(c + 48);
+    memcpy(m->uuid, c + 56, 16);
+    if (fixed < META_FIXED || fixed % 8 != 0 || m->name_len > FS_NAME_MAX - 1 ||
+        m->version_len > FS_VERSION_MAX - 1 ||
+        fixed + m->name_len + m->version_len > clen - 8) {
+        *why = "metadata field lengths out of range";
+        return FS_ERR_CORRUPT;
+    }
+    m->name = (const char *)c + fixed;
+    m->version = (const char *)c + fixed + m->name_len;
+    return 0;
+}
+
+size_t fs_index_size(uint64_t count)
+{
+    return 8 + 16 + count * FS_INDEX_ENTRY_SIZE + 8;
+}
+
+void fs_encode_index_head(uint8_t *buf, uint64_t count)
+{
+    put_skip_header(buf, (uint32_t)(fs_index_size(count) - 8));
+    memcpy(buf + 8, INDEX_TAG, 8);
+    fs_put64(buf + 16, count);
+}
+
+void fs_encode_entry(uint8_t *buf, const struct fs_entry *e)
+{
+    fs_put32(buf, e->raw_len);
+    fs_put32(buf + 4, e->stored_len);
+    fs_put32(buf + 8, e->flags);
+    fs_put32(buf + 12, 0);
+    fs_put64(buf + 16, e->chain);
+}
+
+void fs_decode_entry(const uint8_t *buf, struct fs_entry *e)
+{
+    e->raw_len = fs_get32(buf);
+    e->stored_len = fs_get32(buf + 4);
+    e->flags = fs_get32(buf + 8);
+    e->chain = fs_get64(buf + 16);
+}
+
+void fs_encode_trailer(uint8_t *buf, const struct fs_trailer *t)
+{
+    uint8_t *c = buf + 8;
+    memset(buf, 0, FS_TRAILER_SIZE);
+    put_skip_header(buf, TRAILER_CONTENT);
+    fs_put64(c + 8, t->payload_offset);
+    fs_put64(c + 16, t->meta_offset);
+    fs_put64(c + 24, t->index_offset);
+    fs_put64(c + 32, t->trailer_offset);
+    fs_put64(c + 40, t->prefix_hash);
+    fs_put64(c + 48, t->final_chain);
+    fs_put16(c + 104, FS_FORMAT_MAJOR);
+    fs_put16(c + 106, FS_FORMAT_MINOR);
+    fs_put32(c + 108, TRAILER_CONTENT);
+    memcpy(c + 112, TAIL_TAG, 8);
+    fs_put64(c, XXH3_64bits(c + 8, TRAILER_CONTENT - 8));
+}
+
+/* The file's last 8 bytes are the tag and the 8 before them say the version,
+ * so a reader can tell a truncated file from a newer format. */
+int fs_decode_trailer(const uint8_t *buf, struct fs_trailer *t, int *kind, const char **why)
+{
+    const uint8_t *c = buf + 8;
+    if (memcmp(c + 112, TAIL_TAG, 8) != 0) {
+        *kind = FS_ERR_TRUNCATED;
+        *why = "no trailer at the end of the file: the image is truncated or its end is damaged";
+        return -1;
+    }
+    t->major = fs_get16(c + 104);
+    t->minor = fs_get16(c + 106);
+    if (t->major != FS_FORMAT_MAJOR) {
+        *kind = FS_ERR_VERSION;
+        *why = "unsupported image format major version";
+        return -1;
+    }
+    if (fs_get32(c + 108) != TRAILER_CONTENT || fs_get32(buf) != FS_SKIP_MAGIC ||
+        fs_get32(buf + 4) != TRAILER_CONTENT) {
+        *kind = FS_ERR_CORRUPT;
+        *why = "trailer frame malformed";
+        return -1;
+    }
+    if (fs_get64(c) != XXH3_64bits(c + 8, TRAILER_CONTENT - 8)) {
+        *kind = FS_ERR_CORRUPT;
+        *why = "trailer checksum mismatch";
+        return -1;
+    }
+    t->payload_offset = fs_get64(c + 8);
+    t->meta_offset = fs_get64(c + 16);
+    t->index_offset = fs_get64(c + 24);
+    t->trailer_offset = fs_get64(c + 32);
+    t->prefix_hash = fs_get64(c + 40);
+    t->final_chain = fs_get64(c + 48);
+    return 0;
+}
+
+/* A stored chunk inside a zstd image is a zstd frame of raw blocks:
+ * any zstd decoder reproduces it at memcpy speed. */
+size_t fs_raw_frame_size(size_t raw_len)
+{
+    size_t blocks = (raw_len + FS_RAW_BLOCK_MAX - 1) / FS_RAW_BLOCK_MAX;
+    return 9 + raw_len + 3 * blocks;
+}
+
+size_t fs_raw_frame_header(uint8_t *buf, size_t raw_len)
+{
+    fs_put32(buf, FS_ZSTD_MAGIC);
+    buf[4] = 0xA0; /* 4-byte content size, single segment, no checksum */
+    fs_put32(buf + 5, (uint32_t)raw_len);
+    return 9;
+}

@@ -1,0 +1,268 @@
+/* Opening an image: every check that does not need the chunk data, so a
+ * restore refuses a damaged image before it writes a single byte. */
+#include "fs_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#define PREFIX_MAX (FS_LV_HEADER_SIZE + (64u << 20) + FS_ALIGN)
+#define META_MAX (8 + 72 + FS_NAME_MAX + FS_VERSION_MAX + 16)
+#define INDEX_BATCH 4096
+
+static int bad(struct fs_job *job, int kind, int64_t off, const char *what)
+{
+    return fs_fail(job, kind, kind == FS_ERR_IO ? EIO : EBADMSG, -1, off, "%s", what);
+}
+
+static int read_at(int fd, void *buf, size_t n, uint64_t off, struct fs_job *job)
+{
+    int r = fs_pread_exact(fd, buf, n, off);
+    if (r == -ENODATA)
+        return bad(job, FS_ERR_TRUNCATED, (int64_t)off, "image ends early");
+    if (r < 0)
+        return fs_fail(job, FS_ERR_IO, -r, -1, (int64_t)off, "reading the image at offset %llu: %s",
+                       (unsigned long long)off, strerror(-r));
+    return 0;
+}
+
+static int check_header(struct fs_image *img, const uint8_t *h, struct fs_job *job)
+{
+    if (memcmp(h, "LibvirtQemudPart", 16) == 0)
+        return bad(job, FS_ERR_CORRUPT, 0, "the image is marked partial (an unfinished libvirt save)");
+    if (memcmp(h, "LibvirtQemudSave", 16) != 0)
+        return bad(job, FS_ERR_NOT_IMAGE, 0, "not a save image (no libvirt QEMU save header)");
+    uint32_t w[5];
+    memcpy(w, h + 16, sizeof w);
+    if (w[0] != 2)
+        return bad(job, FS_ERR_CORRUPT, 16, "libvirt header version is not 2");
+    img->lv_format = w[3];
+    img->trailer.payload_offset = FS_LV_HEADER_SIZE + (uint64_t)w[1];
+    if (w[3] != FS_LV_FORMAT_RAW && w[3] != FS_LV_FORMAT_ZSTD)
+        return bad(job, FS_ERR_CORRUPT, 28, "libvirt header names a format fastsave does not write");
+    return 0;
+}
+
+static int check_layout(struct fs_image *img, struct fs_job *job)
+{
+    const struct fs_trailer *t = &img->trailer;
+    uint64_t meta_len = t->index_offset - t->meta_offset;
+    if (t->trailer_offset != img->file_size - FS_TRAILER_SIZE)
+        return bad(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset,
+                   "trailer does not match the file size (bytes added or removed)");
+    if (t->payload_offset > PREFIX_MAX || t->meta_offset < t->payload_offset ||
+        t->index_offset <= t->meta_offset || t->index_offset >= t->trailer_offset ||
+        meta_len > META_MAX)
+        return bad(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset, "trailer offsets are inconsistent");
+    return 0;
+}
+
+static int check_prefix(struct fs_image *img, uint64_t payload_offset, struct fs_job *job)
+{
+    if (img->trailer.payload_offset != payload_offset)
+        return bad(job, FS_ERR_CORRUPT, 20, "libvirt header and trailer disagree on the payload offset");
+    uint8_t *buf = malloc(payload_offset);
+    if (!buf)
+        return fs_fail(job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory");
+    int r = read_at(img->fd, buf, payload_offset, 0, job);
+    if (r == 0 && XXH3_64bits(buf, payload_offset) != img->trailer.prefix_hash)
+        r = bad(job, FS_ERR_CORRUPT, 0, "header or domain XML checksum mismatch");
+    if (r == 0)
+        img->xml_len = strnlen((char *)buf + FS_LV_HEADER_SIZE, payload_offset - FS_LV_HEADER_SIZE);
+    free(buf);
+    return r;
+}
+
+static int check_meta(struct fs_image *img, struct fs_job *job)
+{
+    const struct fs_trailer *t = &img->trailer;
+    size_t len = t->index_offset - t->meta_offset;
+    const char *why = NULL;
+    img->meta_buf = malloc(len);
+    if (!img->meta_buf)
+        return fs_fail(job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory");
+    int r = read_at(img->fd, img->meta_buf, len, t->meta_offset, job);
+    if (r < 0)
+        return r;
+    int kind = fs_decode_meta(img->meta_buf, len, &img->meta, &why);
+    if (kind)
+        return fs_fail(job, kind, kind == FS_ERR_VERSION ? EPROTONOSUPPORT : EBADMSG, -1,
+                       (int64_t)t->meta_offset, "%s", why);
+    const struct fs_meta *m = &img->meta;
+    uint32_t want = img->lv_format == FS_LV_FORMAT_RAW ? FS_CODEC_RAW : FS_CODEC_ZSTD;
+    if (m->codec != want)
+        return bad(job, FS_ERR_CORRUPT, (int64_t)t->meta_offset, "metadata codec does not match the header");
+    if (m->chunk_size < FS_CHUNK_MIN || m->chunk_size > FS_CHUNK_MAX || m->chunk_size % FS_ALIGN)
+        return bad(job, FS_ERR_CORRUPT, (int64_t)t->meta_offset, "metadata chunk size out of range");
+    return 0;
+}
+
+/* One entry against the rules of its position; returns a reason or NULL. */
+static const char *check_entry(const struct fs_image *img, const struct fs_entry *e, uint64_t i,
+                               uint64_t count)
+{
+    const struct fs_meta *m = &img->meta;
+    uint64_t want = i + 1 < count ? m->chunk_size : m->stream_len - (count - 1) * m->chunk_size;
+    if (e->raw_len != want)
+        return "chunk length does not match the stream length";
+    if (e->flags & ~FS_ENTRY_COMPRESSED)
+        return "unknown chunk flags";
+    if (img->lv_format == FS_LV_FORMAT_RAW)
+        return e->stored_len == e->raw_len && !e->flags ? NULL : "raw chunk stored with a codec";
+    if (e->flags)
+        return e->stored_len >= 9 && e->stored_len <= ZSTD_compressBound(e->raw_len)
+                   ? NULL : "compressed chunk size out of range";
+    return e->stored_len == fs_raw_frame_size(e->raw_len) ? NULL : "stored chunk size is wrong";
+}
+
+static int check_index(struct fs_image *img, struct fs_job *job)
+{
+    const struct fs_trailer *t = &img->trailer;
+    const struct fs_meta *m = &img->meta;
+    uint64_t len = t->trailer_offset - t->index_offset;
+    uint64_t count = (m->stream_len + m->chunk_size - 1) / m->chunk_size;
+    if (len < 32 || (len - 32) % FS_INDEX_ENTRY_SIZE || (len - 32) / FS_INDEX_ENTRY_SIZE != count)
+        return bad(job, FS_ERR_CORRUPT, (int64_t)t->index_offset,
+                   "index size does not match the stream length");
+    uint8_t head[24];
+    int r = read_at(img->fd, head, sizeof head, t->index_offset, job);
+    if (r < 0)
+        return r;
+    if (fs_get32(head) != FS_SKIP_MAGIC || fs_get32(head + 4) != len - 8 ||
+        memcmp(head + 8, "FSV-INDX", 8) != 0 || fs_get64(head + 16) != count)
+        return bad(job, FS_ERR_CORRUPT, (int64_t)t->index_offset, "index frame malformed");
+    img->entries = malloc((count ? count : 1) * sizeof *img->entries);
+    uint8_t *batch = malloc(INDEX_BATCH * FS_INDEX_ENTRY_SIZE);
+    XXH3_state_t *st = XXH3_createState();
+    if (!img->entries || !batch || !st)
+        r = fs_fail(job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory for the index");
+    if (r == 0) {
+        XXH3_64bits_reset(st);
+        XXH3_64bits_update(st, head + 8, 16);
+    }
+    for (uint64_t i = 0; r == 0 && i < count; i += INDEX_BATCH) {
+        uint64_t n = count - i < INDEX_BATCH ? count - i : INDEX_BATCH;
+        r = read_at(img->fd, batch, n * FS_INDEX_ENTRY_SIZE, t->index_offset + 24 + i * FS_INDEX_ENTRY_SIZE, job);
+        if (r == 0)
+            XXH3_64bits_update(st, batch, n * FS_INDEX_ENTRY_SIZE);
+        for (uint64_t j = 0; r == 0 && j < n; j++)
+            fs_decode_entry(batch + j * FS_INDEX_ENTRY_SIZE, &img->entries[i + j]);
+    }
+    uint8_t h[8];
+    if (r == 0)
+        r = read_at(img->fd, h, 8, t->trailer_offset - 8, job);
+    if (r == 0 && fs_get64(h) != XXH3_64bits_digest(st))
+        r = bad(job, FS_ERR_CORRUPT, (int64_t)t->index_offset, "index checksum mismatch");
+    free(batch);
+    XXH3_freeState(st);
+    if (r < 0)
+        return r;
+
+    uint64_t stored = 0;
+    for (uint64_t i = 0; i < count; i++) {
+        const char *why = check_entry(img, &img->entries[i], i, count);
+        if (why)
+            return fs_fail(job, FS_ERR_CORRUPT, EBADMSG, (int64_t)i,
+                           (int64_t)(t->index_offset + 24 + i * FS_INDEX_ENTRY_SIZE),
+                           "index entry of chunk %llu: %s", (unsigned long long)i, why);
+        stored += img->entries[i].stored_len;
+        img->compressed += img->entries[i].flags & FS_ENTRY_COMPRESSED;
+    }
+    if (stored != t->meta_offset - t->payload_offset)
+        return bad(job, FS_ERR_CORRUPT, (int64_t)t->meta_offset, "chunk sizes do not add up to the payload");
+    if ((count ? img->entries[count - 1].chain : FS_CHAIN_SEED) != t->final_chain)
+        return bad(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset, "index does not end in the trailer's chain value");
+    img->count = count;
+    return 0;
+}
+
+int fs_image_open(int fd, struct fs_image *img, struct fs_job *job)
+{
+    struct stat st;
+    uint8_t h[FS_LV_HEADER_SIZE], tail[FS_TRAILER_SIZE];
+    memset(img, 0, sizeof *img);
+    img->fd = fd;
+    if (fstat(fd, &st) != 0)
+        return fs_fail(job, FS_ERR_IO, errno, -1, -1, "stat of the image: %s", strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        return bad(job, FS_ERR_NOT_IMAGE, -1, "the image is not a regular file");
+    img->file_size = (uint64_t)st.st_size;
+    if (img->file_size < FS_LV_HEADER_SIZE) {
+        if (img->file_size && read_at(fd, h, img->file_size, 0, job) < 0)
+            return -EIO;
+        int partial = img->file_size == 0 ||
+                  memcmp(h, "LibvirtQemudSave", img->file_size < 16 ? img->file_size : 16) == 0;
+        return bad(job, partial ? FS_ERR_TRUNCATED : FS_ERR_NOT_IMAGE, (int64_t)img->file_size,
+                   partial ? "image ends inside its header" : "not a save image");
+    }
+    int r = read_at(fd, h, sizeof h, 0, job);
+    if (r == 0)
+        r = check_header(img, h, job);
+    if (r < 0)
+        return r;
+    uint64_t payload_offset = img->trailer.payload_offset;
+    if (img->file_size < payload_offset + FS_TRAILER_SIZE)
+        return bad(job, FS_ERR_TRUNCATED, (int64_t)img->file_size, "image ends before its trailer");
+    r = read_at(fd, tail, sizeof tail, img->file_size - FS_TRAILER_SIZE, job);
+    if (r < 0)
+        return r;
+    int kind = 0;
+    const char *why = NULL;
+    if (fs_decode_trailer(tail, &img->trailer, &kind, &why) < 0)
+        return fs_fail(job, kind, kind == FS_ERR_VERSION ? EPROTONOSUPPORT : EBADMSG, -1,
+                       (int64_t)(img->file_size - FS_TRAILER_SIZE), "%s", why);
+    r = check_layout(img, job);
+    if (r == 0)
+        r = check_prefix(img, payload_offset, job);
+    if (r == 0)
+        r = check_meta(img, job);
+    if (r == 0)
+        r = check_index(img, job);
+    return r;
+}
+
+void fs_image_close(struct fs_image *img)
+{
+    free(img->meta_buf);
+    free(img->entries);
+    img->meta_buf = NULL;
+    img->entries = NULL;
+}
+
+int fs_inspect(int image_fd, struct fs_image_info *info, struct fs_job *job)
+{
+    struct fs_image img;
+    memset(info, 0, sizeof *info);
+    int r = fs_image_open(image_fd, &img, job);
+    if (r == 0) {
+        const struct fs_meta *m = &img.meta;
+        info->major = m->major;
+        info->minor = m->minor;
+        info->libvirt_format = img.lv_format;
+        info->codec = m->codec;
+        info->level = m->level;
+        info->chunk_size = m->chunk_size;
+        info->was_running = m->was_running;
+        info->auto_mode = m->auto_mode;
+        info->stream_len = m->stream_len;
+        info->chunk_count = img.count;
+        info->chunks_compressed = img.compressed;
+        info->payload_offset = img.trailer.payload_offset;
+        info->payload_len = img.trailer.meta_offset - img.trailer.payload_offset;
+        info->file_size = img.file_size;
+        info->xml_offset = FS_LV_HEADER_SIZE;
+        info->xml_len = img.xml_len;
+        info->created_ns = m->created_ns;
+        memcpy(info->uuid, m->uuid, 16);
+        info->name_len = m->name_len;
+        memcpy(info->name, m->name, m->name_len);
+        memcpy(info->version, m->version, m->version_len);
+    }
+    fs_image_close(&img);
+    return r;
+}

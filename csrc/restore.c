@@ -1,0 +1,319 @@
+/* Restore and verify: image in, stream out.
+ *
+ * The image is fully checked except for its chunk data before anything is
+ * written. A reader thread loads stored chunks into a fixed ring; workers
+ * decompress and hash them; the calling thread checks each chunk's chain
+ * value in order and only then writes it, so nothing unverified reaches the
+ * consumer and the first bad chunk ends the restore.
+ */
+#include "fs_internal.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <zstd.h>
+
+enum { R_FREE, R_QUEUED, R_READY };
+
+struct rslot {
+    uint8_t *in, *out;
+    const uint8_t *data;              /* the chunk's bytes as stored, inside `in` */
+    const uint8_t *plain;             /* its stream bytes after decoding */
+    int state;
+    uint64_t digest;
+    const char *bad;                  /* why decoding failed, or NULL */
+};
+
+struct restore {
+    struct fs_image img;
+    struct fs_job *job;
+    struct fs_sync y;
+    int data_fd;
+    int direct;
+    struct rslot *slots;
+    uint32_t nslots, nworkers;
+    size_t in_cap;
+    uint64_t *queue, q_head, q_tail;
+    uint64_t next_fill, next_write;
+    int reader_done;
+};
+
+static struct rslot *rslot_of(struct restore *r, uint64_t seq) { return &r->slots[seq % r->nslots]; }
+
+/* Reads a chunk; with O_DIRECT the read covers the aligned blocks around it. */
+static int load_chunk(struct restore *r, struct rslot *sl, uint64_t off, uint32_t len, uint64_t seq)
+{
+    uint64_t start = r->direct ? off / FS_ALIGN * FS_ALIGN : off;
+    size_t want = (size_t)(off + len - start);
+    size_t ask = r->direct ? fs_align_up(want, FS_ALIGN) : want;
+    size_t got = 0;
+    while (got < want) {
+        ssize_t k = pread(r->data_fd, sl->in + got, ask - got, (off_t)(start + got));
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0)
+            return fs_fail(r->job, FS_ERR_IO, errno, (int64_t)seq, (int64_t)(start + got),
+                           "reading chunk %llu at offset %llu: %s", (unsigned long long)seq,
+                           (unsigned long long)(start + got), strerror(errno));
+        if (k == 0)
+            return fs_fail(r->job, FS_ERR_TRUNCATED, EBADMSG, (int64_t)seq, (int64_t)(start + got),
+                           "image ends inside chunk %llu (offset %llu)", (unsigned long long)seq,
+                           (unsigned long long)(start + got));
+        got += (size_t)k;
+    }
+    sl->data = sl->in + (off - start);
+    fs_stat_add(&r->job->stats.bytes_in, len);
+    return 0;
+}
+
+static void *reader_main(void *arg)
+{
+    struct restore *r = arg;
+    uint64_t cpu0 = fs_thread_cpu_ns();
+    uint64_t off = r->img.trailer.payload_offset;
+    for (uint64_t seq = 0; seq < r->img.count; seq++) {
+        struct rslot *sl = rslot_of(r, seq);
+        pthread_mutex_lock(&r->y.mu);
+        while (!r->y.stop && sl->state != R_FREE)
+            fs_sync_wait(&r->y, &r->y.cv_free);
+        int stop = r->y.stop;
+        pthread_mutex_unlock(&r->y.mu);
+        if (stop || fs_cancelled(r->job))
+            break;
+        uint32_t len = r->img.entries[seq].stored_len;
+        if (load_chunk(r, sl, off, len, seq) < 0) {
+            fs_sync_stop(&r->y);
+            break;
+        }
+        off += len;
+        pthread_mutex_lock(&r->y.mu);
+        sl->state = R_QUEUED;
+        sl->bad = NULL;
+        r->queue[r->q_tail++ % r->nslots] = seq;
+        r->next_fill = seq + 1;
+        pthread_cond_signal(&r->y.cv_work);
+        pthread_mutex_unlock(&r->y.mu);
+    }
+    pthread_mutex_lock(&r->y.mu);
+    r->reader_done = 1;
+    pthread_cond_broadcast(&r->y.cv_work);
+    pthread_mutex_unlock(&r->y.mu);
+    fs_stat_add(&r->job->stats.reader_cpu_ns, fs_thread_cpu_ns() - cpu0);
+    return NULL;
+}
+
+/* Turns a stored chunk into stream bytes; returns why it cannot, or NULL. */
+static const char *decode(struct restore *r, ZSTD_DCtx *d, struct rslot *sl, const struct fs_entry *e)
+{
+    if (r->img.lv_format == FS_LV_FORMAT_RAW) {
+        sl->plain = sl->data;
+        return NULL;
+    }
+    if (ZSTD_findFrameCompressedSize(sl->data, e->stored_len) != e->stored_len)
+        return "not exactly one zstd frame";
+    if (ZSTD_getFrameContentSize(sl->data, e->stored_len) != e->raw_len)
+        return "zstd frame declares another size";
+    size_t n = ZSTD_decompressDCtx(d, sl->out, r->img.meta.chunk_size, sl->data, e->stored_len);
+    if (ZSTD_isError(n))
+        return ZSTD_getErrorName(n);
+    if (n != e->raw_len)
+        return "decoded size differs from the index";
+    sl->plain = sl->out;
+    return NULL;
+}
+
+static void *worker_main(void *arg)
+{
+    struct restore *r = arg;
+    uint64_t cpu0 = fs_thread_cpu_ns();
+    ZSTD_DCtx *d = ZSTD_createDCtx();
+    if (!d) {
+        fs_fail(r->job, FS_ERR_NOMEM, ENOMEM, -1, -1, "cannot set up a zstd decompressor");
+        fs_sync_stop(&r->y);
+        return NULL;
+    }
+    ZSTD_DCtx_setParameter(d, ZSTD_d_windowLogMax, 27);
+    pthread_mutex_lock(&r->y.mu);
+    for (;;) {
+        while (!r->y.stop && r->q_head == r->q_tail && !r->reader_done)
+            fs_sync_wait(&r->y, &r->y.cv_work);
+        if (r->y.stop || r->q_head == r->q_tail)
+            break;
+        uint64_t seq = r->queue[r->q_head++ % r->nslots];
+        struct rslot *sl = rslot_of(r, seq);
+        pthread_mutex_unlock(&r->y.mu);
+
+        const struct fs_entry *e = &r->img.entries[seq];
+        sl->bad = decode(r, d, sl, e);
+        if (!sl->bad)
+            sl->digest = fs_digest(sl->plain, e->raw_len);
+
+        pthread_mutex_lock(&r->y.mu);
+        sl->state = R_READY;
+        pthread_cond_broadcast(&r->y.cv_ready);
+    }
+    pthread_mutex_unlock(&r->y.mu);
+    ZSTD_freeDCtx(d);
+    fs_stat_add(&r->job->stats.worker_cpu_ns, fs_thread_cpu_ns() - cpu0);
+    return NULL;
+}
+
+static uint64_t chunk_offset_of(struct restore *r, uint64_t seq)
+{
+    uint64_t off = r->img.trailer.payload_offset;
+    for (uint64_t i = 0; i < seq; i++)
+        off += r->img.entries[i].stored_len;
+    return off;
+}
+
+/* The calling thread: check each chunk's chain in order, then hand it on. */
+static int write_loop(struct restore *r, int out_fd)
+{
+    uint64_t cpu0 = fs_thread_cpu_ns(), out_wait = 0, chain = FS_CHAIN_SEED;
+    int rc = 0;
+    for (uint64_t seq = 0; seq < r->img.count && rc == 0; seq++) {
+        struct rslot *sl = rslot_of(r, seq);
+        pthread_mutex_lock(&r->y.mu);
+        while (!r->y.stop && sl->state != R_READY)
+            fs_sync_wait(&r->y, &r->y.cv_ready);
+        int stop = r->y.stop;
+        pthread_mutex_unlock(&r->y.mu);
+        if (stop) {
+            rc = -1;
+            break;
+        }
+        const struct fs_entry *e = &r->img.entries[seq];
+        if (!sl->bad) {
+            chain = fs_chain(chain, seq, sl->digest, e->raw_len);
+            if (chain != e->chain)
+                sl->bad = "checksum mismatch";
+        }
+        if (sl->bad) {
+            uint64_t off = chunk_offset_of(r, seq);
+            rc = fs_fail(r->job, FS_ERR_CORRUPT, EBADMSG, (int64_t)seq, (int64_t)off,
+                         "chunk %llu at offset %llu: %s", (unsigned long long)seq,
+                         (unsigned long long)off, sl->bad);
+            break;
+        }
+        if (out_fd >= 0) {
+            int w = fs_write_full(out_fd, sl->plain, e->raw_len, r->job, &out_wait);
+            fs_stat_set(&r->job->stats.output_wait_ns, out_wait);
+            if (w < 0) {
+                rc = w == -ECANCELED ? w
+                                     : fs_fail(r->job, FS_ERR_IO, -w, (int64_t)seq, -1,
+                                               "writing the stream: %s", strerror(-w));
+                break;
+            }
+        }
+        fs_stat_add(&r->job->stats.bytes_out, e->raw_len);
+        fs_stat_add(&r->job->stats.chunks, 1);
+        fs_stat_add(e->flags ? &r->job->stats.chunks_compressed : &r->job->stats.chunks_stored, 1);
+        pthread_mutex_lock(&r->y.mu);
+        sl->state = R_FREE;
+        r->next_write = seq + 1;
+        pthread_cond_broadcast(&r->y.cv_free);
+        pthread_mutex_unlock(&r->y.mu);
+    }
+    if (rc < 0)
+        fs_sync_stop(&r->y);
+    fs_stat_add(&r->job->stats.writer_cpu_ns, fs_thread_cpu_ns() - cpu0);
+    return rc;
+}
+
+static int open_data_fd(struct restore *r, int image_fd, int want_direct)
+{
+    r->data_fd = image_fd;
+    if (!want_direct)
+        return 0;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", image_fd);
+    int fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd >= 0) {
+        r->data_fd = fd;
+        r->direct = 1;
+    }
+    return 0;
+}
+
+static int run(struct restore *r, int out_fd, const struct fs_restore_opts *o)
+{
+    const struct fs_meta *m = &r->img.meta;
+    r->nworkers = o->threads > 0 ? (uint32_t)o->threads : 1;
+    if (r->nworkers > 256)
+        r->nworkers = 256;
+    r->nslots = o->slots ? o->slots : 2 * r->nworkers + 4;
+    if (r->nslots < r->nworkers + 2)
+        r->nslots = r->nworkers + 2;
+    size_t max_stored = ZSTD_compressBound(m->chunk_size);
+    if (fs_raw_frame_size(m->chunk_size) > max_stored)
+        max_stored = fs_raw_frame_size(m->chunk_size);
+    r->in_cap = fs_align_up(max_stored, FS_ALIGN) + 2 * FS_ALIGN;
+    r->slots = calloc(r->nslots, sizeof *r->slots);
+    r->queue = calloc(r->nslots, sizeof *r->queue);
+    if (!r->slots || !r->queue)
+        return fs_fail(r->job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory for buffers");
+    int zstd = r->img.lv_format == FS_LV_FORMAT_ZSTD;
+    for (uint32_t i = 0; i < r->nslots; i++) {
+        r->slots[i].in = fs_aligned_alloc(r->in_cap);
+        r->slots[i].out = zstd ? fs_aligned_alloc(m->chunk_size) : NULL;
+        if (!r->slots[i].in || (zstd && !r->slots[i].out))
+            return fs_fail(r->job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory for buffers");
+    }
+    fs_stat_set32(&r->job->stats.threads, r->nworkers);
+    fs_stat_set32(&r->job->stats.direct, (uint32_t)r->direct);
+
+    pthread_t reader, workers[256];
+    uint32_t started = 0;
+    int rc = -1;
+    int reader_started = pthread_create(&reader, NULL, reader_main, r) == 0;
+    for (uint32_t i = 0; reader_started && i < r->nworkers; i++, started++)
+        if (pthread_create(&workers[i], NULL, worker_main, r) != 0)
+            break;
+    if (!reader_started || started < r->nworkers) {
+        fs_fail(r->job, FS_ERR_NOMEM, EAGAIN, -1, -1, "cannot start threads");
+        fs_sync_stop(&r->y);
+    } else {
+        rc = write_loop(r, out_fd);
+    }
+    if (rc < 0)
+        fs_sync_stop(&r->y);
+    for (uint32_t i = 0; i < started; i++)
+        pthread_join(workers[i], NULL);
+    if (reader_started)
+        pthread_join(reader, NULL);
+    return fs_failed(r->job) ? -1 : rc;
+}
+
+int fs_restore(int image_fd, int out_fd, const struct fs_restore_opts *opts, struct fs_job *job)
+{
+    uint64_t t0 = fs_now_ns();
+    struct restore r;
+    memset(&r, 0, sizeof r);
+    r.job = job;
+    r.data_fd = -1;
+    fs_sync_init(&r.y, job);
+    int rc = fs_image_open(image_fd, &r.img, job);
+    if (rc == 0) {
+        fs_stat_set(&job->stats.stream_total, r.img.meta.stream_len);
+        if (out_fd >= 0 && fcntl(out_fd, F_GETPIPE_SZ) > 0)
+            fs_grow_pipe(out_fd);
+        open_data_fd(&r, image_fd, opts->direct);
+        rc = run(&r, out_fd, opts);
+    }
+    for (uint32_t i = 0; r.slots && i < r.nslots; i++) {
+        free(r.slots[i].in);
+        free(r.slots[i].out);
+    }
+    free(r.slots);
+    free(r.queue);
+    if (r.data_fd >= 0 && r.data_fd != image_fd)
+        close(r.data_fd);
+    fs_image_close(&r.img);
+    fs_sync_destroy(&r.y);
+    fs_stat_set(&job->stats.wall_ns, fs_now_ns() - t0);
+    fs_stat_set32(&job->stats.done, 1);
+    if (rc < 0 && !fs_failed(job))
+        fs_fail(job, FS_ERR_IO, -rc, -1, -1, "restore failed: %s", strerror(-rc));
+    return rc < 0 ? (job->error.err ? -job->error.err : -EIO) : 0;
+}
