@@ -26,8 +26,10 @@ static int wait_ready(int fd, short events, struct fs_job *job, uint64_t *wait_n
     return 0;
 }
 
-/* Reads until n bytes or EOF; returns the count, or -errno. */
-ssize_t fs_read_full(int fd, void *buf, size_t n, struct fs_job *job, uint64_t *wait_ns)
+/* Reads until n bytes or EOF; returns the count, or -errno. Each read is
+ * added to *count as it happens, so progress shows partial chunks. */
+ssize_t fs_read_full(int fd, void *buf, size_t n, struct fs_job *job, uint64_t *wait_ns,
+                     uint64_t *count)
 {
     size_t got = 0;
     while (got < n) {
@@ -43,6 +45,7 @@ ssize_t fs_read_full(int fd, void *buf, size_t n, struct fs_job *job, uint64_t *
             return -errno;
         }
         got += (size_t)k;
+        fs_stat_add(count, (uint64_t)k);
     }
     return (ssize_t)got;
 }

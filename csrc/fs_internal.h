@@ -131,7 +131,8 @@ uint64_t fs_sink_pos(const struct fs_sink *s);
 void fs_sink_free(struct fs_sink *s);
 
 /* fdio.c: cancellable full reads and writes on pipes, sockets and files */
-ssize_t fs_read_full(int fd, void *buf, size_t n, struct fs_job *job, uint64_t *wait_ns);
+ssize_t fs_read_full(int fd, void *buf, size_t n, struct fs_job *job, uint64_t *wait_ns,
+                     uint64_t *count);
 int fs_write_full(int fd, const void *buf, size_t n, struct fs_job *job, uint64_t *wait_ns);
 int fs_pwrite_full(int fd, const void *buf, size_t n, uint64_t off);
 int fs_pread_exact(int fd, void *buf, size_t n, uint64_t off);

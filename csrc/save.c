@@ -193,7 +193,8 @@ static void read_loop(struct save *s, int in_fd)
         if (stop)
             break;
 
-        ssize_t k = fs_read_full(in_fd, sl->in, s->o->chunk_size, s->job, &input_wait);
+        ssize_t k = fs_read_full(in_fd, sl->in, s->o->chunk_size, s->job, &input_wait,
+                                 &s->job->stats.bytes_in);
         fs_stat_set(&s->job->stats.input_wait_ns, input_wait);
         if (k < 0) {
             if (k != -ECANCELED)
@@ -211,7 +212,6 @@ static void read_loop(struct save *s, int in_fd)
             pthread_mutex_unlock(&s->y.mu);
             break;
         }
-        fs_stat_add(&s->job->stats.bytes_in, (uint64_t)k);
         sl->in_len = (uint32_t)k;
         sl->compressed = 0;
         int compress = s->o->mode == FS_MODE_ZSTD ||
