@@ -20,8 +20,26 @@ from .errors import (
     UnsupportedImageVersion,
 )
 
+# The libvirt layer imports libvirt-python; engine-only users need not have it.
+_MANAGED = ("managed_save", "has_managed_save_image", "managed_save_remove", "start",
+            "autostart", "Options", "image_store")
+
+
+def __getattr__(name: str) -> object:
+    if name in _MANAGED:
+        from . import managed
+        return getattr(managed, name)
+    if name in ("open_connection", "prepare_embed_root"):
+        from . import connect
+        return getattr(connect, name)
+    raise AttributeError(f"module 'fastsave' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
+    *_MANAGED,
+    "open_connection",
+    "prepare_embed_root",
     "save_stream",
     "restore_stream",
     "verify",

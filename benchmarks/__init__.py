@@ -1,0 +1,1 @@
+"""fastsave benchmarks (run only when named: see README.md)."""

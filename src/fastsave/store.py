@@ -1,0 +1,176 @@
+"""The image store: one image per domain UUID in a private directory, with a
+lock per domain so that two calls never save or restore one domain at once."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import stat
+import uuid as _uuid
+from collections.abc import Iterator
+
+from . import engine
+
+__all__ = ["ImageStore", "StoreError", "DomainBusy", "default_image_dir"]
+
+SYSTEM_DIR = "/var/lib/fastsave/images"
+IMAGE_SUFFIX = ".fsimg"
+
+
+class StoreError(Exception):
+    """The store directory or one of its files is unsafe or unusable."""
+
+
+class DomainBusy(StoreError):
+    """Another fastsave call holds this domain's lock."""
+
+
+def default_image_dir(kind: str, query: dict[str, str]) -> str:
+    """Where images live for a connection, unless FASTSAVE_IMAGE_DIR says otherwise."""
+    env = os.environ.get("FASTSAVE_IMAGE_DIR")
+    if env:
+        return env
+    if kind == "embed":
+        return os.path.join(query["root"], "fastsave", "images")
+    if kind == "session":
+        base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+        return os.path.join(base, "fastsave", "images")
+    return SYSTEM_DIR
+
+
+def canonical_uuid(value: str) -> str:
+    """Image names come from UUIDs only, never from domain names."""
+    return str(_uuid.UUID(value))
+
+
+class ImageStore:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = os.path.abspath(os.fspath(directory))
+        self._open_dir()
+        engine.cleanup(self.directory)
+
+    def _open_dir(self) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        st = os.lstat(self.directory)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"image directory {self.directory} is not a plain directory")
+        if st.st_uid != os.geteuid():
+            raise StoreError(f"image directory {self.directory} is owned by uid {st.st_uid}, "
+                             f"not by this user ({os.geteuid()})")
+        if st.st_mode & 0o077:
+            os.chmod(self.directory, 0o700)
+
+    def image_path(self, dom_uuid: str) -> str:
+        return os.path.join(self.directory, canonical_uuid(dom_uuid) + IMAGE_SUFFIX)
+
+    def _side_path(self, dom_uuid: str, kind: str) -> str:
+        return os.path.join(self.directory, f".{canonical_uuid(dom_uuid)}.{kind}")
+
+    def pending_path(self, dom_uuid: str) -> str:
+        """Where a save in progress writes; it becomes the image on commit."""
+        return self._side_path(dom_uuid, "pending")
+
+    def commit_pending(self, dom_uuid: str) -> None:
+        os.rename(self.pending_path(dom_uuid), self.image_path(dom_uuid))
+        self._sync_dir()
+
+    def discard_pending(self, dom_uuid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.pending_path(dom_uuid))
+
+    def has_image(self, dom_uuid: str) -> bool:
+        path = self.image_path(dom_uuid)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise StoreError(f"{path} is not a regular file owned by this user; refusing it")
+        return True
+
+    def remove_image(self, dom_uuid: str) -> bool:
+        """Removes the image durably; True if there was one."""
+        try:
+            os.unlink(self.image_path(dom_uuid))
+        except FileNotFoundError:
+            return False
+        self._sync_dir()
+        return True
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def list_images(self) -> list[tuple[str, str]]:
+        """(uuid, path) of every image in the store."""
+        out = []
+        for name in sorted(os.listdir(self.directory)):
+            if name.endswith(IMAGE_SUFFIX) and not name.startswith("."):
+                try:
+                    u = canonical_uuid(name[: -len(IMAGE_SUFFIX)])
+                except ValueError:
+                    continue
+                out.append((u, os.path.join(self.directory, name)))
+        return out
+
+    @contextlib.contextmanager
+    def lock(self, dom_uuid: str, name: str = "") -> Iterator[None]:
+        """Holds the domain's lock, or raises DomainBusy at once."""
+        path = self._side_path(dom_uuid, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise DomainBusy(f"another fastsave operation is in progress on domain "
+                                     f"{name or dom_uuid}") from None
+                raise
+            yield
+        finally:
+            os.close(fd)
+
+    # A save in progress leaves a marker; one found under a free lock means the
+    # saving process died, and the caller may have a paused guest to resume.
+    def mark_saving(self, dom_uuid: str, info: dict[str, object]) -> None:
+        self._write_small(self._side_path(dom_uuid, "saving"), json.dumps(info))
+
+    def take_saving_mark(self, dom_uuid: str) -> dict[str, object] | None:
+        path = self._side_path(dom_uuid, "saving")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            data = {}
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return data if isinstance(data, dict) else {}
+
+    # A restore token lets the libvirt hook tell fastsave's own start from others.
+    def issue_token(self, dom_uuid: str) -> str:
+        token = _uuid.uuid4().hex
+        self._write_small(self._side_path(dom_uuid, "token"), token)
+        return token
+
+    def revoke_token(self, dom_uuid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._side_path(dom_uuid, "token"))
+
+    def _write_small(self, path: str, text: str) -> None:
+        tmp = path + ".new"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
