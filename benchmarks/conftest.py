@@ -14,10 +14,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -83,17 +85,20 @@ class Round:
         self.producer = subprocess.Popen(
             [sys.executable, str(HERE / "producer.py"), str(stream), str(size), str(rate),
              str(theirs.fileno())], stdout=w, pass_fds=(theirs.fileno(),))
+        os.close(w)
+        theirs.close()
+        if self.ctl.recv(1) != b"R":
+            self.producer.kill()
+            self.producer.wait()
+            os.close(r)
+            raise RuntimeError("the producer did not start")
+        # Started only now, so fastsave's Stats (wall, input_wait) hold no set-up time.
         argv = contender_argv(contender, out)
         if GNU_TIME:
             argv = [GNU_TIME, "-f", "%M", "-o", str(self.rss_file), *argv]
         self.consumer = subprocess.Popen(
             argv, stdin=r, stdout=subprocess.PIPE if self.is_fastsave else subprocess.DEVNULL)
         os.close(r)
-        os.close(w)
-        theirs.close()
-        if self.ctl.recv(1) != b"R":
-            self.kill()
-            raise RuntimeError("the producer did not start")
         if self.is_fastsave:
             assert self.consumer.stdout is not None
             if self.consumer.stdout.readline() != b"ready\n":
@@ -104,18 +109,26 @@ class Round:
 
     def go(self) -> float:
         """The timed part: stream everything, wait for the consumer to finish."""
+        busy0, ours0 = _busy_cpu(), _children_cpu() + _tree_cpu()
+        watchdog = threading.Timer(TIMEOUT, self.kill)
+        watchdog.start()
         t0 = time.perf_counter()
         self.ctl.sendall(b"G")
-        rc = self.consumer.wait(TIMEOUT)
+        # No timeout here: Popen.wait(timeout) polls with sleeps of up to 50 ms.
+        rc = self.consumer.wait()
         elapsed = time.perf_counter() - t0
-        self.producer.wait(TIMEOUT)
+        self.producer.wait()
+        watchdog.cancel()
+        # CPU the whole machine used beyond producer + consumer: other work, kernel threads.
+        self.other_cpu = max(0.0, (_busy_cpu() - busy0) - (_children_cpu() - ours0))
         if rc != 0 or self.producer.returncode != 0:
             raise RuntimeError(f"consumer exit {rc}, producer exit {self.producer.returncode}")
         return elapsed
 
     def finish(self, elapsed: float) -> dict[str, Any]:
         res: dict[str, Any] = {"seconds": elapsed, "out_bytes": self.out.stat().st_size,
-                               "producer_seconds": float(self.ctl.recv(64) or "nan")}
+                               "producer_seconds": float(self.ctl.recv(64) or "nan"),
+                               "other_cpu": self.other_cpu}
         self.ctl.close()
         if GNU_TIME:
             res["peak_rss_kib"] = int(self.rss_file.read_text().split()[-1])
@@ -131,6 +144,41 @@ class Round:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def _busy_cpu() -> float:
+    """Seconds of CPU all cores have spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+
+
+def _children_cpu() -> float:
+    """CPU seconds of our children that have been waited for."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _tree_cpu() -> float:
+    """CPU seconds used so far by our live descendants (and what they reaped)."""
+    parent, cpu = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parent[int(d)] = int(fields[1])
+        cpu[int(d)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    me, total = os.getpid(), 0
+    for pid in cpu:
+        p = parent[pid]
+        while p > 1 and p != me:
+            p = parent.get(p, 0)
+        total += cpu[pid] if p == me else 0
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _remove(path: Path) -> None:
@@ -149,6 +197,9 @@ def summarize(rounds: list[dict[str, Any]], size: int) -> dict[str, Any]:
         "size_ratio": out_bytes / size,
         "mb_per_s": size / seconds / 1e6,
         "producer_seconds": med(r["producer_seconds"] for r in rounds),
+        # after the producer's last write: draining the pipe, flushing, fsync
+        "tail_seconds": med(r["seconds"] - r["producer_seconds"] for r in rounds),
+        "other_cpu_seconds": med(r["other_cpu"] for r in rounds),
         "peak_rss_kib": max(r.get("peak_rss_kib", 0) for r in rounds) or None,
     }
     if "stats" in rounds[0]:

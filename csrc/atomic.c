@@ -40,10 +40,13 @@ int fs_tmp_create(int dir_fd, const char *name, int *direct, char *tmp, size_t c
         unsigned n = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
         snprintf(tmp, cap, ".%s%s%d-%u", name, TMP_MARK, (int)getpid(), n);
         int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW;
-        int fd = openat(dir_fd, tmp, flags | (*direct ? O_DIRECT : 0), 0600);
-        if (fd < 0 && *direct && errno == EINVAL) {
-            *direct = 0; /* the filesystem has no O_DIRECT: write through the cache */
-            fd = openat(dir_fd, tmp, flags, 0600);
+        /* O_DIRECT is switched on after the create: an open with O_CREAT |
+         * O_DIRECT that the filesystem refuses has already created the file. */
+        int fd = openat(dir_fd, tmp, flags, 0600);
+        if (fd >= 0 && *direct) {
+            int fl = fcntl(fd, F_GETFL);
+            if (fl < 0 || fcntl(fd, F_SETFL, fl | O_DIRECT) != 0)
+                *direct = 0; /* the filesystem has no O_DIRECT: write through the cache */
         }
         if (fd < 0) {
             if (errno == EEXIST)
@@ -82,7 +85,9 @@ int fs_tmp_commit(int dir_fd, int fd, const char *tmp, const char *name, struct 
 int fs_cleanup(int dir_fd, struct fs_job *job)
 {
     int removed = 0;
-    int dup_fd = dup(dir_fd);
+    /* A new open file description: a dup() would share (and move) the
+     * caller's directory position, so a second call would see nothing. */
+    int dup_fd = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dup_fd < 0)
         return fs_fail(job, FS_ERR_IO, errno, -1, -1, "cleanup: %s", strerror(errno));
     DIR *d = fdopendir(dup_fd);

@@ -11,7 +11,7 @@ void fs_index_init(struct fs_index_build *b)
 }
 
 int fs_index_add(struct fs_index_build *b, uint32_t raw_len, uint32_t stored_len, uint32_t flags,
-                 uint64_t digest)
+                 uint32_t check, uint64_t digest)
 {
     if (b->count == b->cap) {
         uint64_t ncap = b->cap ? b->cap * 2 : 1024;
@@ -22,7 +22,7 @@ int fs_index_add(struct fs_index_build *b, uint32_t raw_len, uint32_t stored_len
         b->cap = ncap;
     }
     b->chain = fs_chain(b->chain, b->count, digest, raw_len);
-    b->e[b->count++] = (struct fs_entry){raw_len, stored_len, flags, b->chain};
+    b->e[b->count++] = (struct fs_entry){raw_len, stored_len, flags, check, b->chain};
     b->stream_len += raw_len;
     b->compressed += (flags & FS_ENTRY_COMPRESSED) != 0;
     return 0;

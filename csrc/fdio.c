@@ -3,6 +3,9 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define POLL_SLICE_MS 100
@@ -50,14 +53,28 @@ ssize_t fs_read_full(int fd, void *buf, size_t n, struct fs_job *job, uint64_t *
     return (ssize_t)got;
 }
 
+/* Never blocks inside write(): POLLOUT only promises some room, and a
+ * blocking write of a whole chunk would then wait for the consumer with no
+ * way to cancel. Sockets get MSG_DONTWAIT; pipes are written through a
+ * non-blocking alias (fs_nonblocking_writer). */
 int fs_write_full(int fd, const void *buf, size_t n, struct fs_job *job, uint64_t *wait_ns)
 {
     size_t put = 0;
+    int sock = 1;
     while (put < n) {
         int r = wait_ready(fd, POLLOUT, job, wait_ns);
         if (r < 0)
             return r;
-        ssize_t k = write(fd, (const uint8_t *)buf + put, n - put);
+        ssize_t k;
+        if (sock) {
+            k = send(fd, (const uint8_t *)buf + put, n - put, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (k < 0 && errno == ENOTSOCK) {
+                sock = 0;
+                k = write(fd, (const uint8_t *)buf + put, n - put);
+            }
+        } else {
+            k = write(fd, (const uint8_t *)buf + put, n - put);
+        }
         if (k < 0) {
             if (errno == EINTR || errno == EAGAIN)
                 continue;
@@ -109,4 +126,18 @@ void fs_grow_pipe(int fd)
     int cur = fcntl(fd, F_GETPIPE_SZ);
     if (cur > 0 && cur < (1 << 20))
         (void)fcntl(fd, F_SETPIPE_SZ, 1 << 20);
+}
+
+/* A private O_NONBLOCK open file description of a blocking pipe, so writes
+ * can be non-blocking without changing the flags the caller's fd shares with
+ * other processes. Returns -1 when fd is not such a pipe or on failure. */
+int fs_nonblocking_writer(int fd)
+{
+    struct stat st;
+    char path[64];
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (fl & O_NONBLOCK) || fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode))
+        return -1;
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    return open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
 }

@@ -133,7 +133,7 @@ void fs_encode_entry(uint8_t *buf, const struct fs_entry *e)
     fs_put32(buf, e->raw_len);
     fs_put32(buf + 4, e->stored_len);
     fs_put32(buf + 8, e->flags);
-    fs_put32(buf + 12, 0);
+    fs_put32(buf + 12, e->check);
     fs_put64(buf + 16, e->chain);
 }
 
@@ -142,6 +142,7 @@ void fs_decode_entry(const uint8_t *buf, struct fs_entry *e)
     e->raw_len = fs_get32(buf);
     e->stored_len = fs_get32(buf + 4);
     e->flags = fs_get32(buf + 8);
+    e->check = fs_get32(buf + 12);
     e->chain = fs_get64(buf + 16);
 }
 
@@ -214,4 +215,36 @@ size_t fs_raw_frame_header(uint8_t *buf, size_t raw_len)
     buf[4] = 0xA0; /* 4-byte content size, single segment, no checksum */
     fs_put32(buf + 5, (uint32_t)raw_len);
     return 9;
+}
+
+void fs_raw_block_header(uint8_t *buf, size_t block_len, int last)
+{
+    uint32_t v = (uint32_t)(block_len << 3) | (last ? 1u : 0u); /* block type 0: raw */
+    buf[0] = (uint8_t)v;
+    buf[1] = (uint8_t)(v >> 8);
+    buf[2] = (uint8_t)(v >> 16);
+}
+
+/* A stored chunk's frame is fully determined by its data: every header byte
+ * must be exactly what fastsave writes, so no flipped bit goes unnoticed. */
+int fs_raw_frame_decode(const uint8_t *src, size_t stored_len, uint8_t *dst, size_t raw_len)
+{
+    uint8_t want[9];
+    if (stored_len != fs_raw_frame_size(raw_len))
+        return -1;
+    fs_raw_frame_header(want, raw_len);
+    if (memcmp(src, want, 9) != 0)
+        return -1;
+    src += 9;
+    while (raw_len) {
+        size_t k = raw_len < FS_RAW_BLOCK_MAX ? raw_len : FS_RAW_BLOCK_MAX;
+        fs_raw_block_header(want, k, k == raw_len);
+        if (memcmp(src, want, 3) != 0)
+            return -1;
+        memcpy(dst, src + 3, k);
+        src += 3 + k;
+        dst += k;
+        raw_len -= k;
+    }
+    return 0;
 }

@@ -37,6 +37,7 @@ struct fs_entry {
     uint32_t raw_len;
     uint32_t stored_len;
     uint32_t flags;                   /* FS_ENTRY_* */
+    uint32_t check;                   /* compressed chunks: XXH3 of the stored frame, low 32 bits */
     uint64_t chain;
 };
 #define FS_ENTRY_COMPRESSED 1u
@@ -113,6 +114,8 @@ void fs_encode_trailer(uint8_t *buf, const struct fs_trailer *t);
 int fs_decode_trailer(const uint8_t *buf, struct fs_trailer *t, int *kind, const char **why);
 size_t fs_raw_frame_size(size_t raw_len);
 size_t fs_raw_frame_header(uint8_t *buf, size_t raw_len);
+void fs_raw_block_header(uint8_t *buf, size_t block_len, int last);
+int fs_raw_frame_decode(const uint8_t *src, size_t stored_len, uint8_t *dst, size_t raw_len);
 
 /* sink.c: ordered, optionally O_DIRECT, buffered writer of one file */
 struct fs_sink {
@@ -121,6 +124,7 @@ struct fs_sink {
     uint8_t *buf;                     /* FS_ALIGN-aligned staging buffer */
     size_t cap, len;
     uint64_t off;                     /* file offset of buf[0] */
+    uint64_t wb_start, wb_prev;       /* write-behind windows (buffered mode) */
     struct fs_job *job;
 };
 int fs_sink_init(struct fs_sink *s, int fd, int direct, size_t cap, struct fs_job *job);
@@ -129,6 +133,7 @@ int fs_sink_flush(struct fs_sink *s);
 int fs_sink_finish(struct fs_sink *s);
 uint64_t fs_sink_pos(const struct fs_sink *s);
 void fs_sink_free(struct fs_sink *s);
+void fs_sink_write_behind(struct fs_sink *s);
 
 /* fdio.c: cancellable full reads and writes on pipes, sockets and files */
 ssize_t fs_read_full(int fd, void *buf, size_t n, struct fs_job *job, uint64_t *wait_ns,
@@ -137,6 +142,7 @@ int fs_write_full(int fd, const void *buf, size_t n, struct fs_job *job, uint64_
 int fs_pwrite_full(int fd, const void *buf, size_t n, uint64_t off);
 int fs_pread_exact(int fd, void *buf, size_t n, uint64_t off);
 void fs_grow_pipe(int fd);
+int fs_nonblocking_writer(int fd);
 
 /* image.c: a validated image, ready to stream */
 struct fs_image {
@@ -171,7 +177,7 @@ struct fs_index_build {
 };
 void fs_index_init(struct fs_index_build *b);
 int fs_index_add(struct fs_index_build *b, uint32_t raw_len, uint32_t stored_len, uint32_t flags,
-                 uint64_t digest);
+                 uint32_t check, uint64_t digest);
 void fs_index_free(struct fs_index_build *b);
 
 /* splice.c: zero-copy raw save when the input is a pipe; returns 1 when it

@@ -112,6 +112,8 @@ static const char *check_entry(const struct fs_image *img, const struct fs_entry
         return "chunk length does not match the stream length";
     if (e->flags & ~FS_ENTRY_COMPRESSED)
         return "unknown chunk flags";
+    if (!(e->flags & FS_ENTRY_COMPRESSED) && e->check)
+        return "check value on an uncompressed chunk";
     if (img->lv_format == FS_LV_FORMAT_RAW)
         return e->stored_len == e->raw_len && !e->flags ? NULL : "raw chunk stored with a codec";
     if (e->flags)

@@ -110,6 +110,14 @@ static const char *decode(struct restore *r, ZSTD_DCtx *d, struct rslot *sl, con
         sl->plain = sl->data;
         return NULL;
     }
+    if (!(e->flags & FS_ENTRY_COMPRESSED)) {
+        if (fs_raw_frame_decode(sl->data, e->stored_len, sl->out, e->raw_len) < 0)
+            return "stored frame malformed";
+        sl->plain = sl->out;
+        return NULL;
+    }
+    if ((uint32_t)fs_digest(sl->data, e->stored_len) != e->check)
+        return "compressed bytes checksum mismatch";
     if (ZSTD_findFrameCompressedSize(sl->data, e->stored_len) != e->stored_len)
         return "not exactly one zstd frame";
     if (ZSTD_getFrameContentSize(sl->data, e->stored_len) != e->raw_len)
@@ -299,7 +307,10 @@ int fs_restore(int image_fd, int out_fd, const struct fs_restore_opts *opts, str
         if (out_fd >= 0 && fcntl(out_fd, F_GETPIPE_SZ) > 0)
             fs_grow_pipe(out_fd);
         open_data_fd(&r, image_fd, opts->direct);
-        rc = run(&r, out_fd, opts);
+        int nb_fd = out_fd >= 0 ? fs_nonblocking_writer(out_fd) : -1;
+        rc = run(&r, nb_fd >= 0 ? nb_fd : out_fd, opts);
+        if (nb_fd >= 0)
+            close(nb_fd);
     }
     for (uint32_t i = 0; r.slots && i < r.nslots; i++) {
         free(r.slots[i].in);

@@ -22,7 +22,9 @@
 #define DEFAULT_LEVEL 1
 #define SINK_CAP (4u << 20)
 
-enum { SLOT_FREE, SLOT_QUEUED, SLOT_BUSY, SLOT_READY };
+/* FREE -> QUEUED (for a worker) or READY (store as is) -> BUSY (worker) -> READY -> FREE.
+ * TAKEN: the writer took a queued chunk back to store it as is. */
+enum { SLOT_FREE, SLOT_QUEUED, SLOT_BUSY, SLOT_READY, SLOT_TAKEN };
 
 struct slot {
     uint8_t *in, *out;
@@ -30,6 +32,8 @@ struct slot {
     int state;
     int compressed;
     int digested;
+    int owners;                       /* 2 while writer and worker both use a taken-over chunk */
+    uint32_t check;                   /* of the compressed frame */
     uint64_t digest;
 };
 
@@ -74,6 +78,8 @@ static void *worker_main(void *arg)
             break;
         uint64_t seq = s->queue[s->q_head++ % s->nslots];
         struct slot *sl = slot_of(s, seq);
+        if (sl->state != SLOT_QUEUED)
+            continue; /* the writer took it back */
         sl->state = SLOT_BUSY;
         pthread_mutex_unlock(&s->y.mu);
 
@@ -90,10 +96,19 @@ static void *worker_main(void *arg)
         /* Keep it only if it saves at least 1/64: else the raw copy restores faster. */
         sl->compressed = c + sl->in_len / 64 < sl->in_len;
         sl->out_len = (uint32_t)c;
+        if (sl->compressed)
+            sl->check = (uint32_t)fs_digest(sl->out, c);
 
         pthread_mutex_lock(&s->y.mu);
-        sl->state = SLOT_READY;
-        pthread_cond_broadcast(&s->y.cv_ready);
+        if (sl->owners) { /* the writer stored it meanwhile: the last one out frees it */
+            if (--sl->owners == 0) {
+                sl->state = SLOT_FREE;
+                pthread_cond_broadcast(&s->y.cv_free);
+            }
+        } else {
+            sl->state = SLOT_READY;
+            pthread_cond_broadcast(&s->y.cv_ready);
+        }
     }
     pthread_mutex_unlock(&s->y.mu);
     ZSTD_freeCCtx(cctx);
@@ -108,10 +123,7 @@ static int append_stored_frame(struct save *s, const uint8_t *p, size_t n)
     while (r == 0 && n) {
         size_t k = n < FS_RAW_BLOCK_MAX ? n : FS_RAW_BLOCK_MAX;
         uint8_t bh[3];
-        uint32_t v = (uint32_t)(k << 3) | (k == n ? 1u : 0u); /* raw block, last flag */
-        bh[0] = v;
-        bh[1] = v >> 8;
-        bh[2] = v >> 16;
+        fs_raw_block_header(bh, k, k == n);
         r = fs_sink_append(&s->sink, bh, 3);
         if (r == 0)
             r = fs_sink_append(&s->sink, p, k);
@@ -121,18 +133,20 @@ static int append_stored_frame(struct save *s, const uint8_t *p, size_t n)
     return r;
 }
 
-static int write_chunk(struct save *s, uint64_t seq, struct slot *sl)
+/* `as_is`: store the input uncompressed whatever a worker did or does with it
+ * (the worker only reads `in`, so both may use it at once). */
+static int write_chunk(struct save *s, uint64_t seq, struct slot *sl, int as_is)
 {
-    if (!sl->digested)
-        sl->digest = fs_digest(sl->in, sl->in_len);
-    uint32_t stored, flags = 0;
+    uint64_t digest = !as_is && sl->digested ? sl->digest : fs_digest(sl->in, sl->in_len);
+    uint32_t stored, flags = 0, check = 0;
     int r;
     if (!s->zstd_format) {
         stored = sl->in_len;
         r = fs_sink_append(&s->sink, sl->in, sl->in_len);
-    } else if (sl->compressed) {
+    } else if (!as_is && sl->compressed) {
         stored = sl->out_len;
         flags = FS_ENTRY_COMPRESSED;
+        check = sl->check;
         r = fs_sink_append(&s->sink, sl->out, sl->out_len);
     } else {
         stored = (uint32_t)fs_raw_frame_size(sl->in_len);
@@ -140,7 +154,7 @@ static int write_chunk(struct save *s, uint64_t seq, struct slot *sl)
     }
     if (r < 0)
         return r;
-    if (fs_index_add(&s->ix, sl->in_len, stored, flags, sl->digest) < 0)
+    if (fs_index_add(&s->ix, sl->in_len, stored, flags, check, digest) < 0)
         return fs_fail(s->job, FS_ERR_NOMEM, ENOMEM, (int64_t)seq, -1, "out of memory for the index");
     fs_stat_add(&s->job->stats.chunks, 1);
     fs_stat_add(flags ? &s->job->stats.chunks_compressed : &s->job->stats.chunks_stored, 1);
@@ -154,20 +168,33 @@ static void *writer_main(void *arg)
     pthread_mutex_lock(&s->y.mu);
     for (;;) {
         struct slot *sl = slot_of(s, s->next_write);
-        while (!s->y.stop && sl->state != SLOT_READY && !(s->eof && s->next_write == s->end_seq))
+        int take = 0;
+        while (!s->y.stop && sl->state != SLOT_READY && !(s->eof && s->next_write == s->end_seq)) {
+            /* Auto mode never lets compression hold up the producer: once the
+             * ring is (nearly) full, the writer stores this chunk as is. */
+            take = s->o->mode == FS_MODE_AUTO && s->next_fill - s->next_write + 1 >= s->nslots &&
+                   (sl->state == SLOT_QUEUED || sl->state == SLOT_BUSY);
+            if (take)
+                break;
             fs_sync_wait(&s->y, &s->y.cv_ready);
-        if (s->y.stop || (s->eof && s->next_write == s->end_seq))
+        }
+        if (s->y.stop || (s->eof && s->next_write == s->end_seq && !take))
             break;
+        int busy = take && sl->state == SLOT_BUSY;
+        if (take && !busy)
+            sl->state = SLOT_TAKEN;
+        if (busy)
+            sl->owners = 2; /* writer and worker both read `in` now */
         uint64_t seq = s->next_write;
         pthread_mutex_unlock(&s->y.mu);
-        int r = write_chunk(s, seq, sl);
+        int r = write_chunk(s, seq, sl, take);
         pthread_mutex_lock(&s->y.mu);
         if (r < 0) {
             fs_sync_stop_locked(&s->y);
             break;
         }
-        sl->state = SLOT_FREE;
-        sl->digested = 0;
+        if (!busy || --sl->owners == 0)
+            sl->state = SLOT_FREE;
         s->next_write++;
         pthread_cond_broadcast(&s->y.cv_free);
     }
@@ -185,6 +212,8 @@ static void read_loop(struct save *s, int in_fd)
         pthread_mutex_lock(&s->y.mu);
         struct slot *sl = slot_of(s, s->next_fill);
         uint64_t t0 = fs_now_ns();
+        if (sl->state != SLOT_FREE)
+            pthread_cond_broadcast(&s->y.cv_ready); /* the writer may take over (auto) */
         while (!s->y.stop && sl->state != SLOT_FREE)
             fs_sync_wait(&s->y, &s->y.cv_free);
         fs_stat_add(&s->job->stats.producer_blocked_ns, fs_now_ns() - t0);
@@ -214,6 +243,7 @@ static void read_loop(struct save *s, int in_fd)
         }
         sl->in_len = (uint32_t)k;
         sl->compressed = 0;
+        sl->digested = 0;
         int compress = s->o->mode == FS_MODE_ZSTD ||
                        (s->o->mode == FS_MODE_AUTO && s->q_tail - s->q_head < s->nworkers);
         if (compress) {

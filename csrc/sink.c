@@ -3,11 +3,14 @@
  * last block is zero-padded and the file truncated back to its true size. */
 #include "fs_internal.h"
 
+#include <fcntl.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 /* Appends at least this big skip the staging copy when they can. */
 #define DIRECT_MIN (256u << 10)
+/* Buffered mode starts writeback every this many bytes. */
+#define WB_STEP (32u << 20)
 
 int fs_sink_init(struct fs_sink *s, int fd, int direct, size_t cap, struct fs_job *job)
 {
@@ -33,7 +36,28 @@ static int write_at(struct fs_sink *s, const void *p, size_t n)
                        strerror(-r));
     s->off += n;
     fs_stat_add(&s->job->stats.bytes_out, n);
+    fs_sink_write_behind(s);
     return 0;
+}
+
+/* Buffered writes: start writeback of each new window at once and wait for
+ * the one before, dropping its pages. Dirty memory stays bounded, the page
+ * cache is not flooded with an image nobody reads soon, and the final fsync
+ * has little left to do. */
+void fs_sink_write_behind(struct fs_sink *s)
+{
+    if (s->direct || s->off - s->wb_start < WB_STEP)
+        return;
+    sync_file_range(s->fd, (off_t)s->wb_start, (off_t)(s->off - s->wb_start), SYNC_FILE_RANGE_WRITE);
+    if (s->wb_start > s->wb_prev) {
+        sync_file_range(s->fd, (off_t)s->wb_prev, (off_t)(s->wb_start - s->wb_prev),
+                        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                            SYNC_FILE_RANGE_WAIT_AFTER);
+        posix_fadvise(s->fd, (off_t)s->wb_prev, (off_t)(s->wb_start - s->wb_prev),
+                      POSIX_FADV_DONTNEED);
+    }
+    s->wb_prev = s->wb_start;
+    s->wb_start = s->off;
 }
 
 /* Writes out the whole aligned part of the buffer and keeps the tail. */

@@ -19,7 +19,7 @@ struct hasher {
 
 static int add_chunk(struct hasher *h, const uint8_t *buf, size_t n)
 {
-    if (fs_index_add(h->ix, (uint32_t)n, (uint32_t)n, 0, fs_digest(buf, n)) < 0)
+    if (fs_index_add(h->ix, (uint32_t)n, (uint32_t)n, 0, 0, fs_digest(buf, n)) < 0)
         return -ENOMEM;
     fs_stat_add(&h->job->stats.chunks, 1);
     fs_stat_add(&h->job->stats.chunks_stored, 1);
@@ -96,6 +96,8 @@ static int move_to_file(int in_fd, struct fs_sink *sink, uint64_t *off, size_t n
         n -= (size_t)k;
         fs_stat_add(&job->stats.bytes_out, (uint64_t)k);
     }
+    sink->off = *off;
+    fs_sink_write_behind(sink);
     return 0;
 }
 
@@ -108,7 +110,7 @@ int fs_save_raw_splice(int in_fd, struct fs_sink *sink, uint32_t chunk_size,
         return 1;
     if (pipe2(hp, O_CLOEXEC) != 0)
         return 1;
-    (void)fcntl(hp[1], F_SETPIPE_SZ, 1 << 20);
+    (void)fcntl(hp[1], F_SETPIPE_SZ, 4 << 20); /* slack so tee rarely waits for the hasher */
 
     struct hasher h = {.fd = hp[0], .chunk_size = chunk_size, .ix = ix, .job = job};
     pthread_t th;

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["support.fixtures"]
+
 CHUNK = 64 << 10  # small chunks keep the matrix fast while exercising many chunks
 
 

@@ -38,6 +38,7 @@ START_FLAGS = (libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_BYPASS
                | libvirt.VIR_DOMAIN_START_FORCE_BOOT)
 FD_NAME = "fastsave"
 POLL = 0.02
+WORKER_GRACE = 60.0
 # QEMU's default bandwidth cap would make a save ~10x slower; 1 TiB/s is "none".
 UNLIMITED_BANDWIDTH = 1 << 40
 
@@ -100,7 +101,10 @@ def _recover_dead_save(store: ImageStore, dom: libvirt.virDomain, uuid: str) -> 
 
 
 def _wait_migration(dom: libvirt.virDomain, worker: EngineProcess, what: str) -> None:
-    """Polls QEMU until its migration completes; raises with QEMU's reason."""
+    """Polls QEMU until its migration completes; raises with the engine's or
+    QEMU's reason. A failed engine ends the wait at once (QEMU may sit on a
+    cut stream), and QEMU gets a grace period once the engine is done."""
+    grace_until = None
     while True:
         info = qmp(dom, "query-migrate") or {}
         status = info.get("status")
@@ -108,8 +112,13 @@ def _wait_migration(dom: libvirt.virDomain, worker: EngineProcess, what: str) ->
             return
         if status in ("failed", "cancelled"):
             raise FastsaveError(f"QEMU {what} {status}: {info.get('error-desc', 'no reason given')}")
-        if not worker.running() and status not in ("active", "setup", "device", None):
-            raise FastsaveError(f"QEMU {what} stopped in state {status!r}")
+        if not worker.running():
+            worker.result()  # raises the engine's error, if it had one
+            if grace_until is None:
+                grace_until = time.monotonic() + WORKER_GRACE
+            elif time.monotonic() > grace_until:
+                raise FastsaveError(f"QEMU {what} still {status!r} {WORKER_GRACE:.0f} s after "
+                                    "the engine finished the stream")
         time.sleep(POLL)
 
 
@@ -150,7 +159,8 @@ def managed_save(dom: libvirt.virDomain, flags: int = 0, *, options: Options | N
             comes_back_running = False
         direct = opts.direct if opts.direct is not None else bool(
             flags & libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE)
-        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+        xml = restore_xml.clean_for_image(
+            dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE))
         store.mark_saving(uuid, {"was_running": was_running, "pid": os.getpid()})
         try:
             _save(dom, store, uuid, xml, was_running, comes_back_running, opts, direct)
