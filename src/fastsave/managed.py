@@ -211,12 +211,13 @@ def _save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_ru
 
 def _cause(e: BaseException, worker: EngineProcess | None) -> str:
     """The engine's own error explains a failure better than QEMU's broken pipe."""
-    if worker is not None and not isinstance(e, (OSError, FastsaveError)):
+    if worker is not None:
         try:
             worker.result(timeout=10)
         except (OSError, FastsaveError, ValueError, MemoryError) as inner:
-            return str(inner)
-        except Exception:  # noqa: BLE001 - still running or gone: keep the outer error
+            if str(inner) != str(e):
+                return f"{inner} ({e})"
+        except Exception:  # noqa: BLE001 - still running: the outer error is the cause
             pass
     return str(e)
 
@@ -266,10 +267,11 @@ def has_managed_save_image(dom: libvirt.virDomain, flags: int = 0, *,
     opts = _options(options, kw)
     store = _store_for(dom, opts)
     uuid = dom.UUIDString()
+    active = dom.isActive()  # also: an undefined domain raises VIR_ERR_NO_DOMAIN here
     try:
         if not store.has_image(uuid):
             return 0
-        if not dom.isActive():
+        if not active:
             return 1
     except StoreError as e:
         raise fail(libvirt.VIR_ERR_OPERATION_FAILED, str(e)) from e

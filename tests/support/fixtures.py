@@ -95,6 +95,8 @@ def _can_connect() -> bool:
 
 
 def start_libvirtd() -> None:
+    for d in ("/var/log/libvirt/qemu", "/run/libvirt", "/var/lib/libvirt/qemu"):
+        os.makedirs(d, exist_ok=True)
     if not _daemon_running("virtlogd"):
         subprocess.run(["virtlogd", "-d"], check=True)
     if not _daemon_running("libvirtd"):
@@ -135,7 +137,7 @@ def system_libvirtd() -> Iterator[str]:
     yield SYSTEM_URI
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def system_conn(system_libvirtd: str) -> Iterator[object]:
     conn = libvirt.open(system_libvirtd)
     yield conn
