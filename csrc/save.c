@@ -8,6 +8,7 @@
 #include "fs_internal.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -67,9 +68,13 @@ static void *worker_main(void *arg)
         ZSTD_freeCCtx(cctx);
         return NULL;
     }
-    /* In auto mode compression only gets the CPU the data path leaves over. */
-    if (s->o->mode == FS_MODE_AUTO)
-        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+    /* In auto mode compression only gets the CPU nothing else wants: not the
+     * producer's (QEMU's migration thread), not the reader's or the writer's. */
+    if (s->o->mode == FS_MODE_AUTO) {
+        struct sched_param sp = {.sched_priority = 0};
+        if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) != 0)
+            setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19);
+    }
     pthread_mutex_lock(&s->y.mu);
     for (;;) {
         while (!s->y.stop && s->q_head == s->q_tail && !s->eof)
@@ -100,15 +105,23 @@ static void *worker_main(void *arg)
             sl->check = (uint32_t)fs_digest(sl->out, c);
 
         pthread_mutex_lock(&s->y.mu);
+        pthread_cond_t *wake = NULL;
         if (sl->owners) { /* the writer stored it meanwhile: the last one out frees it */
             if (--sl->owners == 0) {
                 sl->state = SLOT_FREE;
-                pthread_cond_broadcast(&s->y.cv_free);
+                wake = &s->y.cv_free;
             }
         } else {
             sl->state = SLOT_READY;
-            pthread_cond_broadcast(&s->y.cv_ready);
+            wake = &s->y.cv_ready;
         }
+        /* Wake others with the lock released: a low-priority worker preempted
+         * by the thread it woke, while holding the lock, would stall the data
+         * path behind it. */
+        pthread_mutex_unlock(&s->y.mu);
+        if (wake)
+            pthread_cond_broadcast(wake);
+        pthread_mutex_lock(&s->y.mu);
     }
     pthread_mutex_unlock(&s->y.mu);
     ZSTD_freeCCtx(cctx);
