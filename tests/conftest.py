@@ -10,6 +10,18 @@ import pytest
 
 pytest_plugins = ["support.fixtures"]
 
+SYSTEM_FIXTURES = {"system_libvirtd", "system_conn", "make_system_guest"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of the system libvirtd get the `system` marker: they run in a
+    pytest process of their own (see .ci/run), because once a process has
+    opened the embedded driver, libvirt routes qemu:///system to it too."""
+    for item in items:
+        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+
+
 CHUNK = 64 << 10  # small chunks keep the matrix fast while exercising many chunks
 
 

@@ -1,7 +1,8 @@
 """The `fastsave` command: managed save from the shell and from boot scripts.
 
 Exit codes: 0 success; 1 the operation failed; 2 bad usage; 3 some domains
-failed (autostart). Errors print one line unless --debug is given.
+failed (save-all, restore-all, autostart); 4 an image failed verification.
+Errors print one line unless --debug is given.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ DEFAULT_URI = "qemu:///system"
 
 
 def _conn(args: argparse.Namespace, readonly: bool = False) -> Any:
+    import libvirt
+
     from .connect import open_connection
+    if not args.debug:  # libvirt would print every error itself; ours says it once
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     return open_connection(args.uri, readonly=readonly)
 
 
@@ -94,19 +99,99 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_autostart(args: argparse.Namespace) -> int:
-    from .managed import autostart
-    results = autostart(_conn(args), include_all=args.all, options=_options(args))
-    failed = [(n, e) for n, e in results if e is not None]
+def _bulk_out(args: argparse.Namespace, report: Any) -> int:
     if args.json:
-        print(json.dumps([{"domain": n, "ok": e is None, "error": None if e is None else str(e)}
-                          for n, e in results]))
+        print(json.dumps({
+            "ok": report.ok, "seconds": round(report.seconds, 3), "bytes": report.total_bytes,
+            "mb_per_s": round(report.mb_per_s, 1),
+            "domains": [{"name": r.name, "uuid": r.uuid, "ok": r.ok, "action": r.action,
+                         "error": r.error, "seconds": round(r.seconds, 3), "bytes": r.bytes,
+                         "image_bytes": r.image_bytes} for r in report.results]}))
     else:
-        for n, e in results:
-            print(f"{n}: restored" if e is None else f"{n}: FAILED: {e}")
-        if not results:
-            print("no domain to restore")
-    return 3 if failed else 0
+        n_ok = sum(r.ok for r in report.results)
+        print(f"{n_ok}/{len(report.results)} domains ok in {report.seconds:.1f} s, "
+              f"{report.total_bytes / 1e6:,.0f} MB at {report.mb_per_s:,.0f} MB/s")
+    return 0 if report.ok else 3
+
+
+def _bulk(args: argparse.Namespace, verb: str, run: Any) -> int:
+    from .progress import ProgressView
+    view = None if args.json else ProgressView(verb)
+    try:
+        report = run(on_start=view.start if view else None)
+    finally:
+        if view is not None:
+            view.stop()
+    return _bulk_out(args, report)
+
+
+def cmd_save_all(args: argparse.Namespace) -> int:
+    from .bulk import save_all
+    conn = _conn(args)
+    return _bulk(args, "save", lambda on_start: save_all(
+        conn, names=args.domain or None, match=args.match, parallel=args.parallel,
+        timeout=args.timeout, on_timeout=args.on_timeout, options=_options(args),
+        on_start=on_start))
+
+
+def cmd_restore_all(args: argparse.Namespace) -> int:
+    from .bulk import restore_all
+    conn = _conn(args)
+    return _bulk(args, "restore", lambda on_start: restore_all(
+        conn, include_all=args.all, names=args.domain or None, match=args.match,
+        parallel=args.parallel, options=_options(args), on_start=on_start))
+
+
+def cmd_autostart(args: argparse.Namespace) -> int:
+    args.domain, args.match = [], None
+    return cmd_restore_all(args)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from . import engine
+    from .managed import image_store
+    conn = _conn(args, readonly=True)
+    store = image_store(conn, args.image_dir)
+    rows = []
+    for uuid, path in store.list_images():
+        try:
+            info = engine.inspect(path)
+            row = {"name": info.name, "uuid": uuid, "bytes": info.file_size,
+                   "age_s": round(_time.time() - info.created.timestamp()),
+                   "codec": info.codec, "was_running": info.was_running, "ok": True}
+        except Exception as e:  # noqa: BLE001 - a bad image is listed with its error
+            row = {"name": "?", "uuid": uuid, "bytes": os.path.getsize(path), "age_s": None,
+                   "codec": None, "was_running": None, "ok": False, "error": str(e)}
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'name':24} {'uuid':36} {'size MB':>9} {'age':>8} {'codec':5} was_running")
+    for r in rows:
+        age = "-" if r["age_s"] is None else f"{r['age_s'] // 60}m{r['age_s'] % 60:02d}s"
+        print(f"{r['name'][:24]:24} {r['uuid']:36} {r['bytes'] / 1e6:9.1f} {age:>8} "
+              f"{r['codec'] or '-':5} {r['was_running'] if r['ok'] else 'BAD: ' + r['error']}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from . import engine
+    from .errors import ImageError
+    path = args.target
+    if not os.path.exists(path):
+        from .managed import image_store
+        conn = _conn(args, readonly=True)
+        path = image_store(conn, args.image_dir).image_path(_domain(conn, args.target).UUIDString())
+    try:
+        report = engine.verify(path)
+    except ImageError as e:
+        _out(args, {"image": path, "ok": False, "error": str(e)}, f"BAD: {e}")
+        return 4
+    _out(args, {"image": path, "ok": True, "stream_bytes": report.info.stream_length},
+         f"OK: {path} ({report.info.stream_length:,} stream bytes, {report.info.chunk_count} chunks)")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -128,6 +213,15 @@ def cmd_install_hook(args: argparse.Namespace) -> int:
     stores = args.store or [default_image_dir("system", {})]
     path = install_hook(stores)
     print(f"installed {path}; restart libvirtd for it to take effect")
+    return 0
+
+
+def cmd_install_units(args: argparse.Namespace) -> int:
+    from .units import install_units
+    for path in install_units(args.unit_dir, args.env_file):
+        print(f"wrote {path}")
+    cmd_install_hook(argparse.Namespace(store=None))
+    print("then: systemctl daemon-reload && systemctl enable --now fastsave-guests.service")
     return 0
 
 
@@ -171,9 +265,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("domain", nargs="+")
     s.set_defaults(func=cmd_remove)
 
+    def bulk_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("domain", nargs="*", help="names or UUIDs (default: all)")
+        sp.add_argument("--match", help="shell pattern on domain names")
+        sp.add_argument("--parallel", type=int, help="domains at once (default: from core count)")
+        engine_opts(sp)
+
+    s = sub.add_parser("save-all", help="managed-save all running domains concurrently")
+    bulk_opts(s)
+    s.add_argument("--timeout", type=float, help="seconds; domains not started by then get --on-timeout")
+    s.add_argument("--on-timeout", choices=["leave", "shutdown", "destroy"], default="leave")
+    s.set_defaults(func=cmd_save_all)
+
+    s = sub.add_parser("restore-all", help="restore saved domains (autostart ones; --all: all)")
+    bulk_opts(s)
+    s.add_argument("--all", action="store_true")
+    s.set_defaults(func=cmd_restore_all)
+
     s = sub.add_parser("autostart", help="host boot: restore autostart domains with a saved state")
     s.add_argument("--all", action="store_true", help="every shut-off domain with a saved state")
+    s.add_argument("--parallel", type=int)
+    engine_opts(s)
     s.set_defaults(func=cmd_autostart)
+
+    s = sub.add_parser("list", help="domains with a saved state")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("verify", help="check every byte of an image (a path, or a domain's image)")
+    s.add_argument("target")
+    s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("inspect", help="show an image's metadata (--verify: check all data)")
     s.add_argument("image")
@@ -183,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("install-hook", help="install the libvirt hook that guards saved states")
     s.add_argument("--store", action="append", help="image store(s) the hook guards")
     s.set_defaults(func=cmd_install_hook)
+    s = sub.add_parser("install-units", help="install the systemd unit, its settings and the hook")
+    s.add_argument("--unit-dir", default="/etc/systemd/system")
+    s.add_argument("--env-file", default="/etc/default/fastsave")
+    s.set_defaults(func=cmd_install_units)
     return p
 
 

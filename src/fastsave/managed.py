@@ -379,21 +379,10 @@ def _restore(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int,
 
 
 def autostart(conn: libvirt.virConnect, *, include_all: bool = False,
-              options: Options | None = None, **kw: Any) -> list[tuple[str, Exception | None]]:
-    """Host boot: starts every shut-off autostart domain that has a saved state
-    (every such domain with include_all). Returns (name, error or None) each."""
-    opts = _options(options, kw)
-    store = image_store(conn, opts.image_dir)
-    saved = {u for u, _ in store.list_images()}
-    results: list[tuple[str, Exception | None]] = []
-    doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT
-                               | libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE)
-    for dom in doms:
-        if dom.UUIDString() not in saved or not (include_all or dom.autostart()):
-            continue
-        try:
-            start(dom, options=opts)
-            results.append((dom.name(), None))
-        except libvirt.libvirtError as e:
-            results.append((dom.name(), e))
-    return results
+              options: Options | None = None, **kw: Any) -> list[tuple[str, str | None]]:
+    """Host boot: restores every shut-off autostart domain that has a saved
+    state (every such domain with include_all), in bounded parallel.
+    Returns (name, error message or None) for each domain it tried."""
+    from .bulk import restore_all
+    report = restore_all(conn, include_all=include_all, options=_options(options, kw))
+    return [(r.name, None if r.ok else r.error) for r in report.results]

@@ -57,9 +57,17 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> str:
     return guest.build_kernel(tmp_path_factory.mktemp("guest"))
 
 
+_embed_opened = False
+
+
 @pytest.fixture(scope="session")
 def embed_conn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    global _embed_opened
     _need_host_tools()
+    if _system_opened:
+        pytest.skip("this process already talks to the system libvirtd; run embedded-driver "
+                    "tests in their own pytest process: pytest -m 'not system'")
+    _embed_opened = True
     ensure_qemu_user()
     root = tmp_path_factory.mktemp("embed-root")
     os.chmod(root, 0o700)
@@ -116,8 +124,16 @@ def restart_libvirtd() -> None:
     start_libvirtd()
 
 
+_system_opened = False
+
+
 @pytest.fixture(scope="session")
 def system_libvirtd() -> Iterator[str]:
+    global _system_opened
+    if _embed_opened:
+        pytest.skip("this process has opened the embedded driver, to which libvirt now routes "
+                    "qemu:///system too; run these tests in their own process: pytest -m system")
+    _system_opened = True
     if os.geteuid() != 0:
         pytest.skip("the system libvirtd tests need root")
     _need_host_tools()
