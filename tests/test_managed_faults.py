@@ -136,3 +136,24 @@ def test_qemu_killed_mid_save(make_guest, fill_file):
     assert fastsave.has_managed_save_image(dom) == 0  # a cut stream never passes for a saved state
     fastsave.image_store(dom.connect())
     assert store_files(dom) == []
+
+
+def test_concurrent_calls_on_one_domain(make_guest, fill_file):
+    """While one save runs, a second save, a start and a remove of the same domain are refused."""
+    dom = make_guest(256, fill=fill_file)
+    store = Path(fastsave.image_store(dom.connect()).directory)
+    t, result = save_in_thread(dom, mode="zstd", level=9)  # slow enough to overlap with
+    deadline = time.monotonic() + 60
+    while not [p for p in store.iterdir() if ".fastsave-tmp-" in p.name]:
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.002)
+    for call in (fastsave.managed_save, fastsave.start, fastsave.managed_save_remove):
+        with pytest.raises(libvirt.libvirtError) as ei:
+            call(dom)
+        assert ei.value.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+        assert "in progress" in str(ei.value)
+    t.join(120)
+    assert result == [None]  # the first save was not disturbed
+    assert fastsave.has_managed_save_image(dom) == 1
+    fastsave.start(dom)
+    assert dom.isActive()
