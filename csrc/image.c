@@ -55,7 +55,8 @@ static int check_layout(struct fs_image *img, struct fs_job *job)
     if (t->trailer_offset != img->file_size - FS_TRAILER_SIZE)
         return bad(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset,
                    "trailer does not match the file size (bytes added or removed)");
-    if (t->payload_offset > PREFIX_MAX || t->meta_offset < t->payload_offset ||
+    if (t->payload_offset > PREFIX_MAX || t->payload_offset % FS_ALIGN ||
+        t->meta_offset < t->payload_offset ||
         t->index_offset <= t->meta_offset || t->index_offset >= t->trailer_offset ||
         meta_len > META_MAX)
         return bad(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset, "trailer offsets are inconsistent");
@@ -72,8 +73,11 @@ static int check_prefix(struct fs_image *img, uint64_t payload_offset, struct fs
     int r = read_at(img->fd, buf, payload_offset, 0, job);
     if (r == 0 && XXH3_64bits(buf, payload_offset) != img->trailer.prefix_hash)
         r = bad(job, FS_ERR_CORRUPT, 0, "header or domain XML checksum mismatch");
-    if (r == 0)
+    if (r == 0) {
         img->xml_len = strnlen((char *)buf + FS_LV_HEADER_SIZE, payload_offset - FS_LV_HEADER_SIZE);
+        if (img->xml_len == payload_offset - FS_LV_HEADER_SIZE)
+            r = bad(job, FS_ERR_CORRUPT, FS_LV_HEADER_SIZE, "domain XML is not NUL-terminated");
+    }
     free(buf);
     return r;
 }
@@ -127,7 +131,9 @@ static int check_index(struct fs_image *img, struct fs_job *job)
     const struct fs_trailer *t = &img->trailer;
     const struct fs_meta *m = &img->meta;
     uint64_t len = t->trailer_offset - t->index_offset;
-    uint64_t count = (m->stream_len + m->chunk_size - 1) / m->chunk_size;
+    /* not (stream_len + chunk_size - 1) / chunk_size: that wraps for a stream_len
+     * near 2^64 and makes a huge stream look like an empty one */
+    uint64_t count = m->stream_len / m->chunk_size + (m->stream_len % m->chunk_size != 0);
     if (len < 32 || (len - 32) % FS_INDEX_ENTRY_SIZE || (len - 32) / FS_INDEX_ENTRY_SIZE != count)
         return bad(job, FS_ERR_CORRUPT, (int64_t)t->index_offset,
                    "index size does not match the stream length");

@@ -92,6 +92,8 @@ def _locked(store: ImageStore, dom: libvirt.virDomain) -> Iterator[str]:
             yield uuid
     except DomainBusy as e:
         raise fail(libvirt.VIR_ERR_OPERATION_INVALID, str(e)) from None
+    except StoreError as e:
+        raise fail(libvirt.VIR_ERR_OPERATION_FAILED, f"image store: {e}") from None
 
 
 def _recover_dead_save(store: ImageStore, dom: libvirt.virDomain, uuid: str) -> None:
@@ -336,13 +338,26 @@ def _restore(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int,
     path = store.image_path(uuid)
     keep = (f"the image {path} is kept; start with VIR_DOMAIN_START_FORCE_BOOT "
             f"(fastsave start --force-boot {name}) to boot fresh")
+    image_fd = -1
     try:
-        info = engine.inspect(path)
+        image_fd = store.open_image(uuid)
+        info = engine.inspect(f"/proc/self/fd/{image_fd}")
         xml = restore_xml.for_restore(info, dom, store.issue_token(uuid))
-    except (ImageError, restore_xml.RefusedImage, OSError) as e:
+    except (ImageError, restore_xml.RefusedImage, StoreError, OSError) as e:
         store.revoke_token(uuid)
+        if image_fd >= 0:
+            os.close(image_fd)
         raise fail(libvirt.VIR_ERR_OPERATION_FAILED,
                    f"cannot restore domain {name}: {e}; {keep}") from e
+    try:
+        _restore_from(dom, store, uuid, flags, opts, info, xml, image_fd, path, keep)
+    finally:
+        os.close(image_fd)
+
+
+def _restore_from(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts: Options,
+                  info: engine.ImageInfo, xml: str, image_fd: int, path: str, keep: str) -> None:
+    name = dom.name()
     direct = opts.direct is not False or bool(flags & libvirt.VIR_DOMAIN_START_BYPASS_CACHE)
     worker: EngineProcess | None = None
     live: libvirt.virDomain | None = None
@@ -354,7 +369,7 @@ def _restore(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int,
         finally:
             os.close(r)
         try:
-            worker = EngineProcess.restore(path, w, opts.progress, **_engine_kw(opts, direct))
+            worker = EngineProcess.restore(image_fd, w, opts.progress, **_engine_kw(opts, direct))
         finally:
             os.close(w)
         qmp(live, "migrate-incoming", {"uri": f"fd:{FD_NAME}"})

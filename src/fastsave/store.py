@@ -54,14 +54,20 @@ class ImageStore:
 
     def _open_dir(self) -> None:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        st = os.lstat(self.directory)
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            raise StoreError(f"image directory {self.directory} is not a plain directory")
-        if st.st_uid != os.geteuid():
-            raise StoreError(f"image directory {self.directory} is owned by uid {st.st_uid}, "
-                             f"not by this user ({os.geteuid()})")
-        if st.st_mode & 0o077:
-            os.chmod(self.directory, 0o700)
+        try:
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise StoreError(f"image directory {self.directory} is not a plain directory "
+                             f"(a symlink?): {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise StoreError(f"image directory {self.directory} is owned by uid {st.st_uid}, "
+                                 f"not by this user ({os.geteuid()})")
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
     def image_path(self, dom_uuid: str) -> str:
         return os.path.join(self.directory, canonical_uuid(dom_uuid) + IMAGE_SUFFIX)
@@ -82,14 +88,28 @@ class ImageStore:
             os.unlink(self.pending_path(dom_uuid))
 
     def has_image(self, dom_uuid: str) -> bool:
-        path = self.image_path(dom_uuid)
         try:
-            st = os.lstat(path)
+            os.close(self.open_image(dom_uuid))
         except FileNotFoundError:
             return False
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise StoreError(f"{path} is not a regular file owned by this user; refusing it")
         return True
+
+    def open_image(self, dom_uuid: str) -> int:
+        """Opens the image without following links and checks the opened file:
+        a regular file of this user that nobody else may write."""
+        path = self.image_path(dom_uuid)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise StoreError(f"{path} is a symbolic link; refusing it") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            os.close(fd)
+            raise StoreError(f"{path} is not a regular file owned and writable only by this "
+                             f"user (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); refusing it")
+        return fd
 
     def remove_image(self, dom_uuid: str) -> bool:
         """Removes the image durably; True if there was one."""

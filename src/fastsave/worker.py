@@ -38,14 +38,15 @@ class EngineProcess:
     """Parent side: start, watch, kill and collect one engine child."""
 
     def __init__(self, job: dict[str, Any], fd: int,
-                 progress: Callable[[engine.Stats], None] | None = None) -> None:
+                 progress: Callable[[engine.Stats], None] | None = None,
+                 keep_fds: tuple[int, ...] = ()) -> None:
         job = dict(job, fd=fd, parent=os.getpid())
         self._progress = progress
         self._final: dict[str, Any] | None = None
         self.last: engine.Stats | None = None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastsave.worker", json.dumps(job)],
-            pass_fds=[fd], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, close_fds=True,
+            pass_fds=[fd, *keep_fds], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, close_fds=True,
         )
         self._reader = threading.Thread(target=self._read, name="fastsave-worker-out", daemon=True)
         self._reader.start()
@@ -56,9 +57,11 @@ class EngineProcess:
         return cls({"op": "save", "path": path, "kw": kw}, in_fd, progress)
 
     @classmethod
-    def restore(cls, path: str, out_fd: int,
+    def restore(cls, image_fd: int, out_fd: int,
                 progress: Callable[[engine.Stats], None] | None = None, **kw: Any) -> EngineProcess:
-        return cls({"op": "restore", "path": path, "kw": kw}, out_fd, progress)
+        """The child reads the very file the parent opened and checked."""
+        return cls({"op": "restore", "path": f"/proc/self/fd/{image_fd}", "kw": kw}, out_fd,
+                   progress, keep_fds=(image_fd,))
 
     def _read(self) -> None:
         assert self.proc.stdout is not None

@@ -24,7 +24,8 @@ fuzz() {
     # shellcheck disable=SC2086  # FUZZ_ARGS is a list of options
     "$build/fuzz_$name" -max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 \
         -detect_leaks=1 -print_final_stats=1 -artifact_prefix="$build/artifacts/$name-" \
-        ${FUZZ_ARGS:-} "$build/corpus/$name" "$build/seeds/$name" >"$log" 2>&1
+        ${FUZZ_ARGS:-} "$build/corpus/$name" "$build/seeds/$name" \
+        $( [ "$name" = image ] && echo "$(dirname "$0")/seeds" ) >"$log" 2>&1
     rc=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)

@@ -1,0 +1,91 @@
+"""The image store trusts nothing it did not write itself."""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid as _uuid
+from pathlib import Path
+
+import libvirt
+import pytest
+
+import fastsave
+from fastsave.store import ImageStore, StoreError
+from support import guest
+
+pytestmark = pytest.mark.qemu
+
+
+def image_path(dom) -> Path:
+    return Path(fastsave.image_store(dom.connect()).image_path(dom.UUIDString()))
+
+
+def test_symlinked_image_is_refused(make_guest, tmp_path):
+    dom = make_guest(64)
+    fastsave.managed_save(dom)
+    p = image_path(dom)
+    elsewhere = tmp_path / "elsewhere.img"
+    shutil.move(p, elsewhere)
+    p.symlink_to(elsewhere)
+    with pytest.raises(libvirt.libvirtError, match="symbolic link"):
+        fastsave.start(dom)
+    assert not dom.isActive()
+    with pytest.raises(libvirt.libvirtError, match="symbolic link"):
+        fastsave.has_managed_save_image(dom)
+
+
+@pytest.mark.root
+def test_image_of_another_user_or_writable_by_others_is_refused(make_guest):
+    dom = make_guest(64)
+    fastsave.managed_save(dom)
+    p = image_path(dom)
+    os.chown(p, 65534, 65534)
+    with pytest.raises(libvirt.libvirtError, match="owned"):
+        fastsave.start(dom)
+    os.chown(p, 0, 0)
+    os.chmod(p, 0o666)
+    with pytest.raises(libvirt.libvirtError, match="writable only"):
+        fastsave.start(dom)
+    os.chmod(p, 0o600)
+    fastsave.start(dom)
+    assert dom.isActive()
+
+
+def test_store_directory_checks(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o755)
+    ImageStore(real)
+    assert (real.stat().st_mode & 0o777) == 0o700  # tightened
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(StoreError, match="symlink"):
+        ImageStore(link)
+    if os.geteuid() == 0:
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        os.chown(other, 65534, 65534)
+        with pytest.raises(StoreError, match="owned by uid 65534"):
+            ImageStore(other)
+
+
+@pytest.mark.parametrize("name", ["..", "...evil..", "a b $(touch x) ; `id`", "x\ty", "тест-ü"])
+def test_domain_names_never_steer_a_path(embed_conn, kernel, name):
+    try:
+        dom = embed_conn.defineXML(guest.domain_xml(name, kernel, 64))
+    except libvirt.libvirtError as e:
+        pytest.skip(f"libvirt itself refuses the name {name!r}: {e}")
+    try:
+        dom.create()
+        guest.wait_booted(dom)
+        fastsave.managed_save(dom)
+        store = Path(fastsave.image_store(embed_conn).directory)
+        files = [p.name for p in store.iterdir() if not p.name.startswith(".")]
+        assert f"{dom.UUIDString()}.fsimg" in files
+        assert all(_uuid.UUID(f.split(".")[0]) for f in files)  # only UUID names
+        fastsave.start(dom)
+        assert dom.isActive()
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        fastsave.managed_save_remove(dom)
+        dom.undefine()
