@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import fastsave
+from fastsave.connect import EMBED_QEMU_CONF
 from fastsave.hook import install_hook
 from fastsave.store import default_image_dir
 
@@ -24,17 +25,9 @@ except ImportError:  # engine-only test runs; the libvirt fixtures skip
     libvirt = None
 
 SYSTEM_URI = "qemu:///system"
-SYSTEM_QEMU_CONF = """\
-# Written by fastsave's test setup: run QEMU as root, no cgroups or namespaces
-# (this host has no systemd and no libvirt-qemu login).
-user = "root"
-group = "root"
-dynamic_ownership = 0
-security_driver = "none"
-remember_owner = 0
-cgroup_controllers = [ ]
-namespaces = [ ]
-"""
+# The same settings as an embedded root's (run QEMU as root, no cgroups or
+# namespaces: this host has no systemd and no libvirt-qemu login).
+SYSTEM_QEMU_CONF = "# Written by fastsave's test setup.\n" + EMBED_QEMU_CONF
 
 
 def _need_host_tools() -> None:
