@@ -28,7 +28,7 @@ __all__ = ["DomainResult", "BulkReport", "save_all", "restore_all", "default_par
            "TimeoutAction"]
 
 TimeoutAction = Literal["leave", "shutdown", "destroy"]
-MAX_DEFAULT_PARALLEL = 8
+MAX_DEFAULT_PARALLEL = 16
 
 
 @dataclasses.dataclass
@@ -63,11 +63,21 @@ class BulkReport:
         return self.total_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_parallel(n_domains: int) -> int:
-    """Each save is mostly QEMU's own migration thread plus our reader and
-    writer; one save per core keeps the CPUs and an SSD busy without thrashing."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(n_domains, max(2, cores), MAX_DEFAULT_PARALLEL))
+    """A save spends most of its time waiting: on QEMU's migration thread, on
+    the disk, and on the kernel tearing down the guest's memory. Measured here
+    (2 cores, 4 guests): 2 at once took 0.65x the serial time, 4 at once 0.36x.
+    So: twice the cores, at least 4, at most MAX_DEFAULT_PARALLEL."""
+    return max(1, min(n_domains, max(4, 2 * _cores()), MAX_DEFAULT_PARALLEL))
+
+
+def _threads_each(opts: Options, parallel: int) -> int:
+    """Compression threads per save, so that all saves together use the cores."""
+    return opts.threads or max(1, _cores() // max(parallel, 1))
 
 
 def _select(doms: Iterable[libvirt.virDomain], names: list[str] | None,
@@ -143,7 +153,7 @@ def save_all(conn: libvirt.virConnect, *, names: list[str] | None = None, match:
     doms = _select(conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
                                        | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT), names, match)
     n = parallel or default_parallel(len(doms))
-    per_save_threads = opts.threads or max(1, default_parallel(64) // n)
+    per_save_threads = _threads_each(opts, n)
     deadline = time.monotonic() + timeout if timeout else None
     store = image_store(conn, opts.image_dir)
 
@@ -185,7 +195,7 @@ def restore_all(conn: libvirt.virConnect, *, include_all: bool = False,
     chosen = [d for d in _select(inactive, names, match) if d.UUIDString() in saved
               and (include_all or names or match or d.autostart())]
     n = parallel or default_parallel(len(chosen))
-    per_threads = opts.threads or max(1, default_parallel(64) // n)
+    per_threads = _threads_each(opts, n)
 
     def job(d: libvirt.virDomain, r: DomainResult) -> None:
         path = store.image_path(d.UUIDString())
