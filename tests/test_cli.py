@@ -119,3 +119,26 @@ def test_install_units(tmp_path):
     assert "EnvironmentFile=-" in unit and "TimeoutStopSec=0" in unit
     env = (tmp_path / "default" / "fastsave").read_text()
     assert "FASTSAVE_TIMEOUT=" in env and "FASTSAVE_ON_TIMEOUT=" in env
+
+
+def test_json_of_single_domain_commands(make_system_guest):
+    dom = make_system_guest(64)
+    name = dom.name()
+    r = fs("--json", "save", name)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"domain": name, "saved": True}
+    path = fastsave.image_store(dom.connect()).image_path(dom.UUIDString())
+    r = fs("inspect", path)  # human form: one field per line
+    assert r.returncode == 0 and f"name               {name}" in r.stdout
+    r = fs("--json", "verify", name)
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
+    r = fs("--json", "start", "--paused", name)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"domain": name, "started": True}
+    assert dom.state()[0] == 3  # VIR_DOMAIN_PAUSED
+    dom.resume()
+    r = fs("--json", "save", name)
+    r = fs("--json", "remove", name)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"domain": name, "removed": True}
+    r = fs("--json", "start", name)
+    assert r.returncode == 0 and dom.isActive()
+    r = fs("--json", "save", "--running", "--paused", name)
+    assert r.returncode == 2  # mutually exclusive flags: a usage error
