@@ -275,6 +275,12 @@ def has_managed_save_image(dom: libvirt.virDomain, flags: int = 0, *,
     active = dom.isActive()  # also: an undefined domain raises VIR_ERR_NO_DOMAIN here
     try:
         if not store.has_image(uuid):
+            if active and not is_readonly(dom):
+                try:
+                    with store.lock(uuid, dom.name()):
+                        _recover_dead_save(store, dom, uuid)
+                except DomainBusy:
+                    pass
             return 0
         if not active:
             return 1
@@ -283,6 +289,7 @@ def has_managed_save_image(dom: libvirt.virDomain, flags: int = 0, *,
     if not is_readonly(dom):
         try:
             with store.lock(uuid, dom.name()):  # a save or restore in progress owns it
+                _recover_dead_save(store, dom, uuid)
                 if dom.isActive():
                     store.remove_image(uuid)
         except DomainBusy:
