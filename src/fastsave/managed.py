@@ -39,6 +39,7 @@ START_FLAGS = (libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_BYPASS
 FD_NAME = "fastsave"
 POLL = 0.02
 WORKER_GRACE = 60.0
+RECONNECT_TIMEOUT = 60.0
 # QEMU's default bandwidth cap would make a save ~10x slower; 1 TiB/s is "none".
 UNLIMITED_BANDWIDTH = 1 << 40
 
@@ -181,6 +182,7 @@ def _save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_ru
     once QEMU has reported the whole stream sent (a stream cut short by a
     dying QEMU also ends in EOF, and must never pass for a saved state)."""
     name = dom.name()
+    uri = dom.connect().getURI()
     path = store.pending_path(uuid)
     if was_running:
         dom.suspend()
@@ -207,7 +209,7 @@ def _save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_ru
         store.commit_pending(uuid)
     except BaseException as e:
         cause = _cause(e, worker)
-        state = _roll_back(dom, worker, was_running, old_bandwidth)
+        state = _roll_back(dom, worker, was_running, old_bandwidth, uri, dom.UUIDString())
         raise fail(libvirt.VIR_ERR_OPERATION_FAILED,
                    f"managed save of domain {name} failed: {cause}; no image was kept and {state}"
                    ) from e
@@ -227,9 +229,29 @@ def _cause(e: BaseException, worker: EngineProcess | None) -> str:
     return str(e)
 
 
+def _reconnect(dom: libvirt.virDomain, uri: str, uuid: str) -> libvirt.virDomain:
+    """The same domain through a live connection: if libvirtd restarted under
+    us, wait for it to come back (QEMU keeps running meanwhile)."""
+    try:
+        dom.isActive()
+        return dom
+    except libvirt.libvirtError:
+        pass
+    deadline = time.monotonic() + RECONNECT_TIMEOUT
+    while True:
+        try:
+            return libvirt.open(uri).lookupByUUIDString(uuid)
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                return dom
+            time.sleep(0.5)
+
+
 def _roll_back(dom: libvirt.virDomain, worker: EngineProcess | None, was_running: bool,
-               old_bandwidth: object) -> str:
+               old_bandwidth: object, uri: str = "", uuid: str = "") -> str:
     """Stops the save and puts the domain back as it was; says how it was left."""
+    if uri:
+        dom = _reconnect(dom, uri, uuid)
     try:
         if dom.isActive():
             try:

@@ -57,3 +57,48 @@ def test_saving_process_killed_at_random_points(make_system_guest, system_libvir
         assert guest.read_state(dom).boot_id == boot, f"point {i}: the guest rebooted"
     print(f"kill points: {outcomes}")
     assert outcomes["intact"] + outcomes["saved"] == POINTS
+
+
+def test_libvirtd_restarted_mid_save(make_system_guest, system_libvirtd, tmp_path):
+    import threading
+    from pathlib import Path
+
+    from support.fixtures import restart_libvirtd
+
+    fill = tmp_path / "fill.bin"
+    fill.write_bytes(os.urandom(96 << 20))
+    dom = make_system_guest(MEM, fill=str(fill))
+    uuid = dom.UUIDString()
+    boot = guest.read_state(dom).boot_id
+    store = Path(fastsave.image_store(dom.connect()).directory)
+    box: list = []
+
+    def run() -> None:
+        try:
+            fastsave.managed_save(dom, mode="zstd", level=7)
+            box.append(None)
+        except libvirt.libvirtError as e:
+            box.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not any("fastsave-tmp" in p.name for p in store.iterdir()):
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.002)
+    restart_libvirtd()
+    t.join(180)
+    conn = libvirt.open(system_libvirtd)
+    dom = conn.lookupByUUIDString(uuid)
+    print("libvirtd restart outcome:", box[0])
+    if box[0] is None:  # the save got through before the daemon went away
+        assert not dom.isActive()
+        engine.verify(store / f"{uuid}.fsimg")
+        fastsave.start(dom)
+    else:
+        assert "managed save of domain" in str(box[0])
+        fastsave.has_managed_save_image(dom)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, "the guest was left paused"
+        assert fastsave.has_managed_save_image(dom) == 0
+    assert guest.read_state(dom).boot_id == boot
+    conn.close()
