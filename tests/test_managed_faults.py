@@ -92,10 +92,12 @@ def test_engine_process_killed_mid_save(make_guest, fill_file, paused):
     assert store_files(dom) == []
 
 
-def test_store_on_a_full_filesystem(make_guest, fill_file, tmp_path):
+@pytest.mark.parametrize("size_mib", [1, 64, 176])  # full in the header, midway, near the end
+def test_store_on_a_full_filesystem(make_guest, fill_file, tmp_path, size_mib):
     full = tmp_path / "full"
     full.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(full)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0700", "tmpfs", str(full)],
+                   check=True)
     try:
         mem = 256
         dom = make_guest(mem, fill=fill_file)

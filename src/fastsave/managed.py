@@ -13,6 +13,7 @@ Errors are libvirt.libvirtError instances with libvirt's error codes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -170,9 +171,11 @@ def managed_save(dom: libvirt.virDomain, flags: int = 0, *, options: Options | N
         store.mark_saving(uuid, {"was_running": was_running, "pid": os.getpid()})
         try:
             _save(dom, store, uuid, xml, was_running, comes_back_running, opts, direct)
-        finally:
-            store.discard_pending(uuid)
-            store.take_saving_mark(uuid)
+        finally:  # best effort: a cleanup failure must not hide the save's own error
+            with contextlib.suppress(OSError):
+                store.discard_pending(uuid)
+            with contextlib.suppress(OSError):
+                store.take_saving_mark(uuid)
     return 0
 
 

@@ -98,7 +98,7 @@ class EngineProcess:
             return engine.Stats(**msg["stats"])
         kind, text = msg.get("type", "FastsaveError"), msg.get("message", "engine failed")
         if msg.get("errno"):
-            raise OSError(msg["errno"], text)
+            raise OSError(msg["errno"], text, msg.get("filename"))
         cls = _ERRORS.get(kind, errors.FastsaveError)
         raise cls(text)
 
@@ -127,7 +127,8 @@ def main() -> int:
         else:
             stats = engine.restore_stream(job["path"], job["fd"], **kw)
     except OSError as e:
-        _emit({"ok": False, "type": type(e).__name__, "errno": e.errno, "message": str(e)})
+        _emit({"ok": False, "type": type(e).__name__, "errno": e.errno,
+               "message": e.strerror or str(e), "filename": e.filename})
         return 1
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         _emit({"ok": False, "type": type(e).__name__, "message": str(e)})

@@ -100,6 +100,34 @@ def test_image_directory_removed_mid_save(make_guest, fill, tmp_path):
     assert assert_intact_or_saved(dom, ram) == "intact"
 
 
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="chattr (e2fsprogs) is needed")
+def test_image_directory_made_unwritable_mid_save(make_guest, fill, tmp_path):
+    """Root ignores permission bits, so the store is made immutable (chattr +i)."""
+    dom, ram = paused_guest(make_guest, fill)
+    store = tmp_path / "store"
+    box: list = []
+
+    def run() -> None:
+        try:
+            fastsave.managed_save(dom, image_dir=str(store), mode="zstd", level=5)
+        except libvirt.libvirtError as e:
+            box.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not (store.exists() and any("fastsave-tmp" in p.name for p in store.iterdir())):
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.002)
+    subprocess.run(["chattr", "+i", str(store)], check=True)
+    try:
+        t.join(120)
+    finally:
+        subprocess.run(["chattr", "-i", str(store)], check=True)
+    assert box and "Operation not permitted" in str(box[0])
+    assert assert_intact_or_saved(dom, ram) == "intact"
+
+
 def test_qemu_killed_mid_restore(make_guest, fill):
     dom, ram = paused_guest(make_guest, fill)
     fastsave.managed_save(dom)
