@@ -1346,7 +1346,10 @@ def render(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any],
                 "QEMU's process from exiting (PF_EXITING) to gone, the kernel freeing guest RAM. "
                 "Restore: QEMU start = `createXML` of the paused `-incoming defer` domain; stream "
                 "in: `migrate-incoming` until `completed`; helper done at: engine child / "
-                "iohelper exit, from the call.", "",
+                "iohelper exit, from the call. libvirt's plain restore shows no helper: it hands "
+                "QEMU the image file itself; its BYPASS_CACHE restore goes through "
+                "`libvirt_iohelper` and a pipe, as fastsave's restore goes through its engine "
+                "child and a pipe.", "",
                 *phase_table(summ[gkey]), "",
                 "fastsave engine Stats (medians):", "", *stats_table(summ[gkey]), "",
             ]
