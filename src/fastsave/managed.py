@@ -41,6 +41,7 @@ FD_NAME = "fastsave"
 POLL = 0.02
 WORKER_GRACE = 60.0
 RECONNECT_TIMEOUT = 60.0
+RECOVER_TIMEOUT = 30.0
 # QEMU's default bandwidth cap would make a save ~10x slower; 1 TiB/s is "none".
 UNLIMITED_BANDWIDTH = 1 << 40
 
@@ -99,13 +100,28 @@ def _locked(store: ImageStore, dom: libvirt.virDomain) -> Iterator[str]:
 
 
 def _recover_dead_save(store: ImageStore, dom: libvirt.virDomain, uuid: str) -> None:
-    """A save whose process died left the guest paused: resume it if it ran."""
+    """A save whose process died left the guest paused, perhaps with QEMU's
+    migration still going: stop that, and resume the guest if it ran."""
     store.discard_pending(uuid)
     mark = store.take_saving_mark(uuid)
     if mark is None or not dom.isActive():
         return
-    if mark.get("was_running") and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-        dom.resume()
+    try:
+        with contextlib.suppress(libvirt.libvirtError):
+            qmp(dom, "migrate_cancel")
+        deadline = time.monotonic() + RECOVER_TIMEOUT
+        while time.monotonic() < deadline:  # QEMU refuses 'cont' until it is over
+            status = (qmp(dom, "query-migrate") or {}).get("status")
+            if status not in ("setup", "active", "device", "pre-switchover", "cancelling"):
+                break
+            time.sleep(POLL)
+        if mark.get("was_running") and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+            dom.resume()
+    except libvirt.libvirtError:
+        if not dom.isActive():  # it went down meanwhile: nothing left to resume
+            return
+        store.mark_saving(uuid, mark)  # try again on the next call
+        raise
 
 
 def _wait_migration(dom: libvirt.virDomain, worker: EngineProcess, what: str) -> None:
