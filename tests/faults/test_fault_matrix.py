@@ -77,9 +77,9 @@ def test_write_errors(make_guest, fill, eio_shim, after_mib, monkeypatch):
     assert leftovers(dom) == []
 
 
-def test_image_directory_removed_mid_save(make_guest, fill, tmp_path):
-    dom, ram = paused_guest(make_guest, fill)
-    store = tmp_path / "store"
+def save_until_writing(dom, store: Path) -> tuple[threading.Thread, list]:
+    """Starts a managed save into `store` in a thread; returns once the engine
+    is writing its temp file (the thread, and a list that gets its error)."""
     box: list = []
 
     def run() -> None:
@@ -94,6 +94,13 @@ def test_image_directory_removed_mid_save(make_guest, fill, tmp_path):
     while not (store.exists() and any("fastsave-tmp" in p.name for p in store.iterdir())):
         assert time.monotonic() < deadline and t.is_alive()
         time.sleep(0.002)
+    return t, box
+
+
+def test_image_directory_removed_mid_save(make_guest, fill, tmp_path):
+    dom, ram = paused_guest(make_guest, fill)
+    store = tmp_path / "store"
+    t, box = save_until_writing(dom, store)
     shutil.rmtree(store)
     t.join(120)
     assert box and "No such file or directory" in str(box[0])
@@ -105,20 +112,7 @@ def test_image_directory_made_unwritable_mid_save(make_guest, fill, tmp_path):
     """Root ignores permission bits, so the store is made immutable (chattr +i)."""
     dom, ram = paused_guest(make_guest, fill)
     store = tmp_path / "store"
-    box: list = []
-
-    def run() -> None:
-        try:
-            fastsave.managed_save(dom, image_dir=str(store), mode="zstd", level=5)
-        except libvirt.libvirtError as e:
-            box.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.monotonic() + 60
-    while not (store.exists() and any("fastsave-tmp" in p.name for p in store.iterdir())):
-        assert time.monotonic() < deadline and t.is_alive()
-        time.sleep(0.002)
+    t, box = save_until_writing(dom, store)
     subprocess.run(["chattr", "+i", str(store)], check=True)
     try:
         t.join(120)
