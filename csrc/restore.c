@@ -35,8 +35,19 @@ struct restore {
     uint32_t nslots, nworkers;
     size_t in_cap;
     uint64_t *queue, q_head, q_tail;
-    uint64_t next_fill, next_write;
+    uint64_t next_write;
+    uint32_t nreaders, readers_left;
     int reader_done;
+};
+
+/* One sequential O_DIRECT read at a time gets a fraction of what a disk
+ * gives with several in flight (measured on a virtio disk: 1.15 GB/s with
+ * one, 2.3 GB/s with four); buffered reads have the kernel's readahead. */
+#define DIRECT_READERS 4
+
+struct reader_arg {
+    struct restore *r;
+    uint32_t index;
 };
 
 static struct rslot *rslot_of(struct restore *r, uint64_t seq) { return &r->slots[seq % r->nslots]; }
@@ -67,15 +78,21 @@ static int load_chunk(struct restore *r, struct rslot *sl, uint64_t off, uint32_
     return 0;
 }
 
+/* Reader `index` of `nreaders` loads chunks index, index + nreaders, ... */
 static void *reader_main(void *arg)
 {
-    struct restore *r = arg;
+    struct reader_arg *ra = arg;
+    struct restore *r = ra->r;
     uint64_t cpu0 = fs_thread_cpu_ns();
     uint64_t off = r->img.trailer.payload_offset;
-    for (uint64_t seq = 0; seq < r->img.count; seq++) {
+    for (uint64_t i = 0; i < ra->index && i < r->img.count; i++)
+        off += r->img.entries[i].stored_len;
+    for (uint64_t seq = ra->index; seq < r->img.count; seq += r->nreaders) {
         struct rslot *sl = rslot_of(r, seq);
         pthread_mutex_lock(&r->y.mu);
-        while (!r->y.stop && sl->state != R_FREE)
+        /* The slot is this chunk's once the chunk nslots before it was
+         * written: a slot that merely looks free may be another reader's. */
+        while (!r->y.stop && (sl->state != R_FREE || seq >= r->next_write + r->nslots))
             fs_sync_wait(&r->y, &r->y.cv_free);
         int stop = r->y.stop;
         pthread_mutex_unlock(&r->y.mu);
@@ -86,18 +103,20 @@ static void *reader_main(void *arg)
             fs_sync_stop(&r->y);
             break;
         }
-        off += len;
+        for (uint64_t i = seq; i < seq + r->nreaders && i < r->img.count; i++)
+            off += r->img.entries[i].stored_len;
         pthread_mutex_lock(&r->y.mu);
         sl->state = R_QUEUED;
         sl->bad = NULL;
         r->queue[r->q_tail++ % r->nslots] = seq;
-        r->next_fill = seq + 1;
         pthread_cond_signal(&r->y.cv_work);
         pthread_mutex_unlock(&r->y.mu);
     }
     pthread_mutex_lock(&r->y.mu);
-    r->reader_done = 1;
-    pthread_cond_broadcast(&r->y.cv_work);
+    if (--r->readers_left == 0) {
+        r->reader_done = 1;
+        pthread_cond_broadcast(&r->y.cv_work);
+    }
     pthread_mutex_unlock(&r->y.mu);
     fs_stat_add(&r->job->stats.reader_cpu_ns, fs_thread_cpu_ns() - cpu0);
     return NULL;
@@ -232,8 +251,11 @@ static int write_loop(struct restore *r, int out_fd)
 static int open_data_fd(struct restore *r, int image_fd, int want_direct)
 {
     r->data_fd = image_fd;
-    if (!want_direct)
+    if (!want_direct) {
+        /* one pass front to back: a larger readahead window */
+        posix_fadvise(image_fd, 0, 0, POSIX_FADV_SEQUENTIAL);
         return 0;
+    }
     char path[64];
     snprintf(path, sizeof path, "/proc/self/fd/%d", image_fd);
     int fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
@@ -250,7 +272,8 @@ static int run(struct restore *r, int out_fd, const struct fs_restore_opts *o)
     r->nworkers = o->threads > 0 ? (uint32_t)o->threads : 1;
     if (r->nworkers > 256)
         r->nworkers = 256;
-    r->nslots = o->slots ? o->slots : 2 * r->nworkers + 4;
+    r->nreaders = r->direct ? DIRECT_READERS : 1;
+    r->nslots = o->slots ? o->slots : 2 * r->nworkers + 2 + r->nreaders;
     if (r->nslots < r->nworkers + 2)
         r->nslots = r->nworkers + 2;
     size_t max_stored = ZSTD_compressBound(m->chunk_size);
@@ -271,10 +294,17 @@ static int run(struct restore *r, int out_fd, const struct fs_restore_opts *o)
     fs_stat_set32(&r->job->stats.threads, r->nworkers);
     fs_stat_set32(&r->job->stats.direct, (uint32_t)r->direct);
 
-    pthread_t reader, workers[256];
-    uint32_t started = 0;
+    pthread_t readers[DIRECT_READERS], workers[256];
+    struct reader_arg ra[DIRECT_READERS];
+    uint32_t started = 0, readers_started = 0;
     int rc = -1;
-    int reader_started = pthread_create(&reader, NULL, reader_main, r) == 0;
+    r->readers_left = r->nreaders;
+    for (uint32_t i = 0; i < r->nreaders; i++, readers_started++) {
+        ra[i] = (struct reader_arg){.r = r, .index = i};
+        if (pthread_create(&readers[i], NULL, reader_main, &ra[i]) != 0)
+            break;
+    }
+    int reader_started = readers_started == r->nreaders;
     for (uint32_t i = 0; reader_started && i < r->nworkers; i++, started++)
         if (pthread_create(&workers[i], NULL, worker_main, r) != 0)
             break;
@@ -288,8 +318,8 @@ static int run(struct restore *r, int out_fd, const struct fs_restore_opts *o)
         fs_sync_stop(&r->y);
     for (uint32_t i = 0; i < started; i++)
         pthread_join(workers[i], NULL);
-    if (reader_started)
-        pthread_join(reader, NULL);
+    for (uint32_t i = 0; i < readers_started; i++)
+        pthread_join(readers[i], NULL);
     return fs_failed(r->job) ? -1 : rc;
 }
 

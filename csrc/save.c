@@ -372,7 +372,15 @@ static int run_pipeline(struct save *s, int in_fd)
 {
     const struct fs_save_opts *o = s->o;
     s->nworkers = o->mode == FS_MODE_RAW ? 0 : (uint32_t)o->threads;
-    s->nslots = o->slots ? o->slots : 3 * s->nworkers + 4;
+    /* Auto mode gets a deeper ring: the writer stores a chunk as is only when
+     * the ring is nearly full, so depth is how long idle-priority workers may
+     * lag behind the producer before a chunk goes uncompressed. */
+    uint32_t deep = 8 * s->nworkers + 8 < 32 ? 8 * s->nworkers + 8 : 32;
+    s->nslots = 3 * s->nworkers + 4;
+    if (o->mode == FS_MODE_AUTO && s->nslots < deep)
+        s->nslots = deep;
+    if (o->slots)
+        s->nslots = o->slots;
     if (s->nslots < s->nworkers + 2)
         s->nslots = s->nworkers + 2;
     s->out_cap = s->nworkers ? ZSTD_compressBound(o->chunk_size) : 0;

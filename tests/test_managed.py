@@ -9,7 +9,7 @@ import libvirt
 import pytest
 
 import fastsave
-from fastsave import engine
+from fastsave import engine, managed
 from support import guest
 from support.engine_io import restore_bytes, save_bytes
 
@@ -188,3 +188,29 @@ def test_start_of_a_running_domain_is_refused(make_guest):
     with pytest.raises(libvirt.libvirtError) as ei:
         fastsave.start(dom)
     assert ei.value.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+
+
+@pytest.mark.parametrize("flags, direct, want_save, want_restore", [
+    (0, None, True, False),            # defaults: O_DIRECT save, readahead restore
+    (libvirt.VIR_DOMAIN_START_BYPASS_CACHE, None, True, True),
+    (0, True, True, True),
+    (0, False, False, False),
+])
+def test_cache_use_of_save_and_start(make_guest, monkeypatch, flags, direct, want_save, want_restore):
+    """What the engine reports it did (Stats.direct), for the options and flags."""
+    dom = make_guest(64)
+    engines = []
+    for op in ("save", "restore"):
+        real = getattr(managed.EngineProcess, op).__func__
+
+        def spy(cls, *a, _real=real, _op=op, **kw):
+            e = _real(cls, *a, **kw)
+            engines.append((_op, e))
+            return e
+        monkeypatch.setattr(managed.EngineProcess, op, classmethod(spy))
+    kw = {} if direct is None else {"direct": direct}
+    fastsave.managed_save(dom, **kw)
+    fastsave.start(dom, flags, **kw)
+    assert dom.isActive()
+    got = {op: e.result().direct for op, e in engines}
+    assert got == {"save": want_save, "restore": want_restore}

@@ -89,3 +89,49 @@ def test_domain_names_never_steer_a_path(embed_conn, kernel, name):
             dom.destroy()
         fastsave.managed_save_remove(dom)
         dom.undefine()
+
+
+def test_lock_files_do_not_outlive_the_domains_state(tmp_path):
+    store = ImageStore(tmp_path / "images")
+    u = str(_uuid.uuid4())
+    lock = Path(store.directory) / f".{u}.lock"
+    with store.lock(u):
+        assert lock.exists()
+        with pytest.raises(fastsave.store.DomainBusy):
+            with store.lock(u):
+                pass
+    assert not lock.exists()  # nothing saved: nothing left behind
+    Path(store.image_path(u)).write_bytes(b"x")
+    with store.lock(u):
+        pass
+    assert lock.exists()  # a saved state keeps its lock file
+    os.unlink(store.image_path(u))
+    with store.lock(u):
+        pass
+    assert not lock.exists()
+
+
+def test_lock_taken_on_a_file_removed_meanwhile_is_retaken(tmp_path, monkeypatch):
+    """A lock won on a lock file that its previous holder removed between our
+    open and our flock would exclude nobody: the store must lock the file that
+    is at the path now."""
+    store = ImageStore(tmp_path / "images")
+    u = str(_uuid.uuid4())
+    lock = Path(store.directory) / f".{u}.lock"
+    real_flock = fastsave.store.fcntl.flock
+    calls = []
+
+    def flock(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            os.unlink(lock)  # the previous holder releases and removes it right now
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fastsave.store.fcntl, "flock", flock)
+    with store.lock(u):
+        assert len(calls) == 2  # it noticed, and locked the file at the path again
+        assert lock.exists()
+        monkeypatch.setattr(fastsave.store.fcntl, "flock", real_flock)
+        with pytest.raises(fastsave.store.DomainBusy):
+            with store.lock(u):
+                pass

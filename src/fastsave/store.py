@@ -141,20 +141,43 @@ class ImageStore:
 
     @contextlib.contextmanager
     def lock(self, dom_uuid: str, name: str = "") -> Iterator[None]:
-        """Holds the domain's lock, or raises DomainBusy at once."""
+        """Holds the domain's lock, or raises DomainBusy at once. The lock file
+        is removed on release when the domain has nothing left in the store,
+        so the store does not collect lock files of domains long gone."""
         path = self._side_path(dom_uuid, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise DomainBusy(f"another fastsave operation is in progress on domain "
                                      f"{name or dom_uuid}") from None
                 raise
+            # The holder before us may have removed the file we opened: only
+            # a lock on the file that is at the path now excludes others.
+            try:
+                current = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        try:
             yield
         finally:
-            os.close(fd)
+            try:
+                if not self._has_state(dom_uuid):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)  # while still holding it: see the check above
+            finally:
+                os.close(fd)
+
+    def _has_state(self, dom_uuid: str) -> bool:
+        return any(os.path.lexists(p) for p in (
+            self.image_path(dom_uuid), self.pending_path(dom_uuid),
+            self._side_path(dom_uuid, "saving"), self._side_path(dom_uuid, "token")))
 
     # A save in progress leaves a marker; one found under a free lock means the
     # saving process died, and the caller may have a paused guest to resume.
