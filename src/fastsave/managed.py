@@ -303,6 +303,10 @@ def _roll_back(dom: libvirt.virDomain, worker: EngineProcess | None, was_running
             return "the domain is running again"
         return "the domain is paused, as it was"
     except libvirt.libvirtError as e:
+        # QEMU may die between the check above and the resume
+        with contextlib.suppress(libvirt.libvirtError):
+            if not dom.isActive():
+                return "the domain is no longer running (its QEMU process is gone)"
         return f"the domain could not be resumed: {e}"
 
 
