@@ -41,6 +41,7 @@ START_FLAGS = (libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_BYPASS
 FD_NAME = "fastsave"
 POLL = 0.02
 WORKER_GRACE = 60.0
+GONE_WAIT = 5.0     # for libvirt to notice a QEMU whose monitor stopped answering
 RECONNECT_TIMEOUT = 60.0
 RECOVER_TIMEOUT = 30.0
 # QEMU's default bandwidth cap would make a save ~10x slower; 1 TiB/s is "none".
@@ -290,24 +291,50 @@ def _roll_back(dom: libvirt.virDomain, worker: EngineProcess | None, was_running
             worker.result(timeout=30)
         except Exception:  # noqa: BLE001 - the cause is already known
             pass
+    gone = "the domain is no longer running (its QEMU process is gone)"
     try:
-        if not dom.isActive():
-            return "the domain is no longer running (its QEMU process is gone)"
+        if _qemu_gone(dom):
+            return gone
         if old_bandwidth is not None:
             try:
                 qmp(dom, "migrate-set-parameters", {"max-bandwidth": old_bandwidth})
             except libvirt.libvirtError:
                 pass
-        if was_running and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+        state = dom.state()[0]
+        if was_running and state == libvirt.VIR_DOMAIN_PAUSED:
             dom.resume()
             return "the domain is running again"
-        return "the domain is paused, as it was"
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            return "the domain is paused, as it was"
+        if state == libvirt.VIR_DOMAIN_RUNNING:
+            return "the domain is running"
+        return gone if _qemu_gone(dom) else f"the domain is in state {state}"
     except libvirt.libvirtError as e:
-        # QEMU may die between the check above and the resume
-        with contextlib.suppress(libvirt.libvirtError):
-            if not dom.isActive():
-                return "the domain is no longer running (its QEMU process is gone)"
+        if _qemu_gone(dom):  # QEMU died between the check and the resume
+            return gone
         return f"the domain could not be resumed: {e}"
+
+
+def _qemu_gone(dom: libvirt.virDomain) -> bool:
+    """True if the domain's QEMU is dead. libvirt learns of a killed QEMU
+    asynchronously, so a monitor that no longer answers means waiting a
+    moment for libvirt to mark the domain shut off."""
+    try:
+        if not dom.isActive():
+            return True
+        qmp(dom, "query-status")
+        return False
+    except libvirt.libvirtError:
+        pass
+    deadline = time.monotonic() + GONE_WAIT
+    while time.monotonic() < deadline:
+        try:
+            if not dom.isActive():
+                return True
+        except libvirt.libvirtError:
+            pass
+        time.sleep(POLL)
+    return False
 
 
 def has_managed_save_image(dom: libvirt.virDomain, flags: int = 0, *,
