@@ -171,18 +171,34 @@ def make_guest_factory(conn: object, kernel: str, created: list) -> Callable[...
     return make
 
 
-def _cleanup(created: list, store_dir: str | None) -> None:
+def _cleanup(created: list, store_dir: str | None, uri: str | None = None) -> None:
+    """Destroys and undefines the test's domains and removes their images.
+    With `uri`, a connection a test left dead (it restarted libvirtd) is
+    replaced by a fresh one, so no guest outlives its test."""
+    fresh = None
     for dom in created:
-        try:
-            if dom.isActive():
-                dom.destroy()
-            if dom.isPersistent():
-                if store_dir:
-                    p = Path(store_dir) / f"{dom.UUIDString()}.fsimg"
-                    p.unlink(missing_ok=True)
-                dom.undefine()
-        except libvirt.libvirtError:
-            pass
+        uuid = dom.UUIDString()  # known locally, even on a dead connection
+        if store_dir:  # the image, and what killed controllers leave (locks, marks)
+            for p in [Path(store_dir) / f"{uuid}.fsimg", *Path(store_dir).glob(f".{uuid}.*")]:
+                p.unlink(missing_ok=True)
+        d = dom
+        for attempt in (1, 2):
+            try:
+                if d.isActive():
+                    d.destroy()
+                if d.isPersistent():
+                    d.undefine()
+                break
+            except libvirt.libvirtError as e:
+                if attempt == 2 or uri is None or e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    break
+                try:
+                    fresh = fresh or libvirt.open(uri)
+                    d = fresh.lookupByUUIDString(uuid)
+                except libvirt.libvirtError:
+                    break
+    if fresh is not None:
+        fresh.close()
 
 
 @pytest.fixture
@@ -196,4 +212,8 @@ def make_guest(embed_conn: object, kernel: str) -> Iterator[Callable[..., object
 def make_system_guest(system_conn: object, kernel: str) -> Iterator[Callable[..., object]]:
     created: list = []
     yield make_guest_factory(system_conn, kernel, created)
-    _cleanup(created, fastsave.image_store(system_conn).directory)
+    try:
+        store_dir = fastsave.image_store(system_conn).directory
+    except libvirt.libvirtError:  # the test restarted libvirtd under this connection
+        store_dir = default_image_dir("system", {})
+    _cleanup(created, store_dir, SYSTEM_URI)
