@@ -516,15 +516,12 @@ class Agent:
                 "fastsave": importlib.metadata.version("fastsave")}
 
     def op_define(self, name: str, xml: str, prime: str) -> dict[str, Any]:
+        from support import guest
+
         for n in (name, name + "-limit"):
             old = self._lookup(n)
-            if old is None:
-                continue
-            if old.isActive():
-                old.destroy()
-            if old.isPersistent():
-                self._remove_images(old)
-                old.undefine()
+            if old is not None:
+                guest.discard(old)
         self.conn.defineXML(without_fill(xml))
         self.primes[name] = (prime, without_fill(xml))
         return {}
@@ -1330,6 +1327,13 @@ def f2(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _range(s: dict[str, Any], key: str) -> str:
+    """" [min-max]" when there were several rounds."""
+    if s.get(key + "_min") is None or s["rounds"] <= 1:
+        return ""
+    return f" [{s[key + '_min']:.2f}-{s[key + '_max']:.2f}]"
+
+
 def contender_table(summ_g: dict[str, Any]) -> list[str]:
     base, raw = summ_g.get(BASE, {}), summ_g.get(RAW, {})
     out = ["| contender | save s | x bypass | restore s | x bypass | image MB | x raw "
@@ -1347,12 +1351,7 @@ def contender_table(summ_g: dict[str, Any]) -> list[str]:
         rss = s.get("helper_rss_kib")
         rss_txt = f"{rss / 1024:.1f} ({s['helper_tags']})" if rss else "-"
         inproc = s.get("inproc_hwm_growth_kib")
-        spread = ""
-        if s.get("save_s_min") is not None and s["rounds"] > 1:
-            spread = f" [{s['save_s_min']:.2f}-{s['save_s_max']:.2f}]"
-        rspread = ""
-        if s.get("restore_s_min") is not None and s["rounds"] > 1:
-            rspread = f" [{s['restore_s_min']:.2f}-{s['restore_s_max']:.2f}]"
+        spread, rspread = _range(s, "save_s"), _range(s, "restore_s")
         out.append(
             f"| {c.label} | {f2(s.get('save_s'))}{spread} | {f2(ratio(s.get('save_s'), base.get('save_s')))} "
             f"| {f2(s.get('restore_s'))}{rspread} | {f2(ratio(s.get('restore_s'), base.get('restore_s')))} "

@@ -71,13 +71,7 @@ def main() -> int:
             write_mixed_file(fill, size, seed=100 + i)
         name = f"fs-hostwide-{i}"
         try:
-            old = conn.lookupByName(name)
-            if old.isActive():
-                old.destroy()
-            if old.hasManagedSaveImage(0):
-                old.managedSaveRemove(0)
-            fastsave.managed_save_remove(old)
-            old.undefine()
+            guest.discard(conn.lookupByName(name))
         except libvirt.libvirtError:
             pass
         doms.append(conn.defineXML(guest.domain_xml(name, kernel, args.mem, fill=str(fill))))
@@ -103,12 +97,7 @@ def main() -> int:
     finally:
         for d in doms:
             try:
-                if d.isActive():
-                    d.destroy()
-                fastsave.managed_save_remove(d)
-                if d.hasManagedSaveImage(0):
-                    d.managedSaveRemove(0)
-                d.undefine()
+                guest.discard(d)
             except libvirt.libvirtError:
                 pass
     med = {k: statistics.median(v) for k, v in rows.items()}

@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
         except InterruptedError:
             continue
         if pid == child:
-            return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else 1
+            return os.waitstatus_to_exitcode(status)
 
 
 if __name__ == "__main__":

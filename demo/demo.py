@@ -97,12 +97,7 @@ def main() -> int:
                   f"{size / base_size:6.2f} | {r:9.2f} | {ok} |")
         return 0 if all(r[4].startswith("yes") for r in rows) else 1
     finally:
-        if dom.isActive():
-            dom.destroy()
-        fastsave.managed_save_remove(dom)
-        if dom.hasManagedSaveImage(0):
-            dom.managedSaveRemove(0)
-        dom.undefine()
+        guest.discard(dom)
         conn.close()
 
 

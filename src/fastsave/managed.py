@@ -471,8 +471,7 @@ def _restore_from(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: i
     except BaseException as e:
         if r >= 0:
             os.close(r)
-        if live is None and worker is not None:
-            worker.kill()  # QEMU did not start: its error is the cause, not the engine's EPIPE
+        # QEMU did not start: its error is the cause, not the engine's broken pipe
         cause = str(e) if live is None else _cause(e, worker)
         if worker is not None:
             worker.kill()

@@ -15,6 +15,8 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 
+import fastsave
+
 GUEST_SRC = Path(__file__).resolve().parent.parent / "guest"
 STATE_ADDR = 0x200000
 STATE_MAGIC = 0x46535447
@@ -116,3 +118,14 @@ def wait_booted(dom: libvirt.virDomain, timeout: float = 30) -> GuestState:
         if time.monotonic() > deadline:
             raise TimeoutError("the test guest did not start counting")
         time.sleep(0.05)
+
+
+def discard(dom: libvirt.virDomain) -> None:
+    """Stops the domain and removes it with any saved state, libvirt's or fastsave's."""
+    if dom.isActive():
+        dom.destroy()
+    if dom.isPersistent():
+        fastsave.managed_save_remove(dom)
+        if dom.hasManagedSaveImage(0):
+            dom.managedSaveRemove(0)
+        dom.undefine()
