@@ -31,7 +31,17 @@
 
 #define FS_NAME_MAX 1024
 #define FS_VERSION_MAX 64
-#define FS_MSG_MAX 512
+
+/* Limits (docs/image-format.md, "Limits"). Options beyond them are refused
+ * with FS_ERR_ARG; a reader refuses an image beyond them as corrupt, and a
+ * writer never writes one. */
+#define FS_CHUNK_SIZE_MIN 65536         /* 64 KiB; chunk sizes are multiples of 4096 */
+#define FS_CHUNK_SIZE_MAX 67108864      /* 64 MiB */
+#define FS_CHUNKS_MAX 16777216          /* chunks per image: 16 TiB at 1 MiB chunks, 384 MiB of index */
+#define FS_XML_MAX 67108864             /* domain XML, 64 MiB */
+#define FS_THREADS_MAX 256
+#define FS_SLOTS_MAX 4096
+#define FS_BUFFERS_MAX 1073741824       /* 1 GiB: chunk buffers and zstd state of one call */
 
 /* Counters of a running or finished call. Written by the call's threads with
  * relaxed atomic stores, so another thread may read them at any time. */
@@ -75,10 +85,11 @@ struct fs_job {
 struct fs_save_opts {
     int32_t mode;               /* FS_MODE_* */
     int32_t level;              /* zstd level; negative levels are fast modes */
-    int32_t threads;            /* compression workers, >= 1 */
+    int32_t threads;            /* compression workers, 1 .. FS_THREADS_MAX (fewer when
+                                   FS_BUFFERS_MAX needs it: stats.threads says) */
     int32_t direct;             /* 1: O_DIRECT writes */
-    uint32_t chunk_size;        /* multiple of 4096, 64 KiB .. 64 MiB */
-    uint32_t slots;             /* chunk buffers in flight; 0: default */
+    uint32_t chunk_size;        /* multiple of 4096, FS_CHUNK_SIZE_MIN .. FS_CHUNK_SIZE_MAX */
+    uint32_t slots;             /* chunk buffers in flight, <= FS_SLOTS_MAX; 0: default */
     uint32_t was_running;
     uint32_t allow_splice;      /* raw mode: splice when the input is a pipe */
     const char *xml;            /* domain XML, no NUL inside; may be NULL */
@@ -91,9 +102,10 @@ struct fs_save_opts {
 };
 
 struct fs_restore_opts {
-    int32_t threads;
+    int32_t threads;            /* 0 .. FS_THREADS_MAX, 0 means 1; fewer when
+                                   FS_BUFFERS_MAX needs it */
     int32_t direct;             /* 1: O_DIRECT reads of the payload */
-    uint32_t slots;
+    uint32_t slots;             /* <= FS_SLOTS_MAX; 0: default */
 };
 
 /* What an image says about itself, after header, metadata, index and

@@ -10,8 +10,9 @@
 
 #define POLL_SLICE_MS 100
 
-/* Waits until fd is ready; returns 0, or -ECANCELED when the job ended. */
-static int wait_ready(int fd, short events, struct fs_job *job, uint64_t *wait_ns)
+/* Waits until fd is ready, in slices that notice cancellation; returns 0,
+ * -ECANCELED when the job ended, or -errno. The wait is added to *wait_ns. */
+int fs_wait_ready(int fd, short events, struct fs_job *job, uint64_t *wait_ns)
 {
     struct pollfd p = {.fd = fd, .events = events};
     uint64_t t0 = fs_now_ns();
@@ -36,7 +37,7 @@ ssize_t fs_read_full(int fd, void *buf, size_t n, struct fs_job *job, uint64_t *
 {
     size_t got = 0;
     while (got < n) {
-        int r = wait_ready(fd, POLLIN, job, wait_ns);
+        int r = fs_wait_ready(fd, POLLIN, job, wait_ns);
         if (r < 0)
             return r;
         ssize_t k = read(fd, (uint8_t *)buf + got, n - got);
@@ -62,7 +63,7 @@ int fs_write_full(int fd, const void *buf, size_t n, struct fs_job *job, uint64_
     size_t put = 0;
     int sock = 1;
     while (put < n) {
-        int r = wait_ready(fd, POLLOUT, job, wait_ns);
+        int r = fs_wait_ready(fd, POLLOUT, job, wait_ns);
         if (r < 0)
             return r;
         ssize_t k;
@@ -130,14 +131,16 @@ void fs_grow_pipe(int fd)
 
 /* A private O_NONBLOCK open file description of a blocking pipe, so writes
  * can be non-blocking without changing the flags the caller's fd shares with
- * other processes. Returns -1 when fd is not such a pipe or on failure. */
+ * other processes. Returns the new fd, -ENOTSUP when fd is not such a pipe,
+ * or -errno. */
 int fs_nonblocking_writer(int fd)
 {
     struct stat st;
     char path[64];
     int fl = fcntl(fd, F_GETFL);
     if (fl < 0 || (fl & O_NONBLOCK) || fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode))
-        return -1;
+        return -ENOTSUP;
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-    return open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    int alias = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    return alias >= 0 ? alias : -errno;
 }

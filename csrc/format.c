@@ -1,10 +1,8 @@
 /* Encoding and decoding of the image's parts; layout in docs/image-format.md. */
 #include "fs_internal.h"
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
 static const char LV_MAGIC[16] = "LibvirtQemudSave";
+static const char LV_PARTIAL_MAGIC[16] = "LibvirtQemudPart";
 static const char META_TAG[8] = "FSV-META";
 static const char INDEX_TAG[8] = "FSV-INDX";
 static const char TAIL_TAG[8] = "FSV-TAIL";
@@ -37,6 +35,43 @@ void fs_encode_prefix(uint8_t *buf, uint64_t payload_offset, uint32_t lv_format,
         memcpy(buf + FS_LV_HEADER_SIZE, xml, xml_len);
 }
 
+static int refuse(struct fs_why *why, int kind, int64_t at, const char *what)
+{
+    why->kind = kind;
+    why->at = at;
+    why->what = what;
+    return kind == FS_ERR_VERSION ? -EPROTONOSUPPORT : -EBADMSG;
+}
+
+/* 1 when the n < FS_LV_HEADER_SIZE bytes of a short file could be the start
+ * of an image (a truncated one), 0 when they cannot. */
+int fs_lv_header_prefix(const uint8_t *buf, size_t n)
+{
+    return memcmp(buf, LV_MAGIC, n < 16 ? n : 16) == 0;
+}
+
+/* `buf` holds the header's FS_LV_HEADER_SIZE bytes. */
+int fs_decode_lv_header(const uint8_t *buf, struct fs_lv_header *h, struct fs_why *why)
+{
+    uint32_t words[5];
+    if (memcmp(buf, LV_PARTIAL_MAGIC, 16) == 0)
+        return refuse(why, FS_ERR_CORRUPT, 0, "the image is marked partial (an unfinished libvirt save)");
+    if (memcmp(buf, LV_MAGIC, 16) != 0)
+        return refuse(why, FS_ERR_NOT_IMAGE, 0, "not a save image (no libvirt QEMU save header)");
+    memcpy(words, buf + 16, sizeof words);
+    if (words[0] != 2)
+        return refuse(why, FS_ERR_CORRUPT, 16, "libvirt header version is not 2");
+    h->data_len = words[1];
+    h->was_running = words[2];
+    h->format = words[3];
+    if (h->format != FS_LV_FORMAT_RAW && h->format != FS_LV_FORMAT_ZSTD)
+        return refuse(why, FS_ERR_CORRUPT, 28, "libvirt header names a format fastsave does not write");
+    if (FS_LV_HEADER_SIZE + (uint64_t)h->data_len > fs_payload_offset(FS_XML_MAX))
+        return refuse(why, FS_ERR_CORRUPT, 20,
+                      "libvirt header declares an XML region larger than the 64 MiB limit");
+    return 0;
+}
+
 size_t fs_meta_size(const struct fs_meta *m)
 {
     return 8 + fs_align_up(META_FIXED + m->name_len + m->version_len, 8) + 8;
@@ -67,33 +102,25 @@ void fs_encode_meta(uint8_t *buf, const struct fs_meta *m)
         memcpy(c + META_FIXED, m->name, m->name_len);
     if (m->version_len)
         memcpy(c + META_FIXED + m->name_len, m->version, m->version_len);
-    fs_put64(c + hash_at, XXH3_64bits(c, hash_at));
+    fs_put64(c + hash_at, fs_digest(c, hash_at));
 }
 
 /* `buf` is the whole frame, `len` its size as located by the trailer. */
-int fs_decode_meta(const uint8_t *buf, size_t len, struct fs_meta *m, const char **why)
+int fs_decode_meta(const uint8_t *buf, size_t len, struct fs_meta *m, struct fs_why *why)
 {
     const uint8_t *c = buf + 8;
     size_t clen, fixed;
-    if (len < 8 + META_FIXED + 8 || fs_get32(buf) != FS_SKIP_MAGIC) {
-        *why = "metadata frame missing";
-        return FS_ERR_CORRUPT;
-    }
+    if (len < 8 + META_FIXED + 8 || fs_get32(buf) != FS_SKIP_MAGIC)
+        return refuse(why, FS_ERR_CORRUPT, 0, "metadata frame missing");
     clen = fs_get32(buf + 4);
-    if (clen != len - 8 || memcmp(c, META_TAG, 8) != 0 || clen % 8 != 0) {
-        *why = "metadata frame malformed";
-        return FS_ERR_CORRUPT;
-    }
-    if (fs_get64(c + clen - 8) != XXH3_64bits(c, clen - 8)) {
-        *why = "metadata checksum mismatch";
-        return FS_ERR_CORRUPT;
-    }
+    if (clen != len - 8 || memcmp(c, META_TAG, 8) != 0 || clen % 8 != 0)
+        return refuse(why, FS_ERR_CORRUPT, 0, "metadata frame malformed");
+    if (fs_get64(c + clen - 8) != fs_digest(c, clen - 8))
+        return refuse(why, FS_ERR_CORRUPT, 0, "metadata checksum mismatch");
     m->major = fs_get16(c + 8);
     m->minor = fs_get16(c + 10);
-    if (m->major != FS_FORMAT_MAJOR) {
-        *why = "metadata has an unsupported major version";
-        return FS_ERR_VERSION;
-    }
+    if (m->major != FS_FORMAT_MAJOR)
+        return refuse(why, FS_ERR_VERSION, 0, "metadata has an unsupported major version");
     fixed = fs_get32(c + 12);
     m->codec = fs_get32(c + 16);
     m->level = (int32_t)fs_get32(c + 20);
@@ -107,10 +134,8 @@ int fs_decode_meta(const uint8_t *buf, size_t len, struct fs_meta *m, const char
     memcpy(m->uuid, c + 56, 16);
     if (fixed < META_FIXED || fixed % 8 != 0 || m->name_len > FS_NAME_MAX - 1 ||
         m->version_len > FS_VERSION_MAX - 1 ||
-        fixed + m->name_len + m->version_len > clen - 8) {
-        *why = "metadata field lengths out of range";
-        return FS_ERR_CORRUPT;
-    }
+        fixed + m->name_len + m->version_len > clen - 8)
+        return refuse(why, FS_ERR_CORRUPT, 0, "metadata field lengths out of range");
     m->name = (const char *)c + fixed;
     m->version = (const char *)c + fixed + m->name_len;
     return 0;
@@ -126,6 +151,17 @@ void fs_encode_index_head(uint8_t *buf, uint64_t count)
     put_skip_header(buf, (uint32_t)(fs_index_size(count) - 8));
     memcpy(buf + 8, INDEX_TAG, 8);
     fs_put64(buf + 16, count);
+}
+
+/* `buf` holds the frame's first FS_INDEX_HEAD_SIZE bytes; `frame_len` is the
+ * frame's size as located by the trailer, `count` the chunk count the
+ * metadata implies. */
+int fs_decode_index_head(const uint8_t *buf, uint64_t frame_len, uint64_t count, struct fs_why *why)
+{
+    if (fs_get32(buf) != FS_SKIP_MAGIC || fs_get32(buf + 4) != frame_len - 8 ||
+        memcmp(buf + 8, INDEX_TAG, 8) != 0 || fs_get64(buf + 16) != count)
+        return refuse(why, FS_ERR_CORRUPT, 0, "index frame malformed");
+    return 0;
 }
 
 void fs_encode_entry(uint8_t *buf, const struct fs_entry *e)
@@ -161,37 +197,26 @@ void fs_encode_trailer(uint8_t *buf, const struct fs_trailer *t)
     fs_put16(c + 106, FS_FORMAT_MINOR);
     fs_put32(c + 108, TRAILER_CONTENT);
     memcpy(c + 112, TAIL_TAG, 8);
-    fs_put64(c, XXH3_64bits(c + 8, TRAILER_CONTENT - 8));
+    fs_put64(c, fs_digest(c + 8, TRAILER_CONTENT - 8));
 }
 
 /* The file's last 8 bytes are the tag and the 8 before them say the version,
  * so a reader can tell a truncated file from a newer format. */
-int fs_decode_trailer(const uint8_t *buf, struct fs_trailer *t, int *kind, const char **why)
+int fs_decode_trailer(const uint8_t *buf, struct fs_trailer *t, struct fs_why *why)
 {
     const uint8_t *c = buf + 8;
-    if (memcmp(c + 112, TAIL_TAG, 8) != 0) {
-        *kind = FS_ERR_TRUNCATED;
-        *why = "no trailer at the end of the file: the image is truncated or its end is damaged";
-        return -1;
-    }
+    if (memcmp(c + 112, TAIL_TAG, 8) != 0)
+        return refuse(why, FS_ERR_TRUNCATED, 0,
+                      "no trailer at the end of the file: the image is truncated or its end is damaged");
     t->major = fs_get16(c + 104);
     t->minor = fs_get16(c + 106);
-    if (t->major != FS_FORMAT_MAJOR) {
-        *kind = FS_ERR_VERSION;
-        *why = "unsupported image format major version";
-        return -1;
-    }
+    if (t->major != FS_FORMAT_MAJOR)
+        return refuse(why, FS_ERR_VERSION, 0, "unsupported image format major version");
     if (fs_get32(c + 108) != TRAILER_CONTENT || fs_get32(buf) != FS_SKIP_MAGIC ||
-        fs_get32(buf + 4) != TRAILER_CONTENT) {
-        *kind = FS_ERR_CORRUPT;
-        *why = "trailer frame malformed";
-        return -1;
-    }
-    if (fs_get64(c) != XXH3_64bits(c + 8, TRAILER_CONTENT - 8)) {
-        *kind = FS_ERR_CORRUPT;
-        *why = "trailer checksum mismatch";
-        return -1;
-    }
+        fs_get32(buf + 4) != TRAILER_CONTENT)
+        return refuse(why, FS_ERR_CORRUPT, 0, "trailer frame malformed");
+    if (fs_get64(c) != fs_digest(c + 8, TRAILER_CONTENT - 8))
+        return refuse(why, FS_ERR_CORRUPT, 0, "trailer checksum mismatch");
     t->payload_offset = fs_get64(c + 8);
     t->meta_offset = fs_get64(c + 16);
     t->index_offset = fs_get64(c + 24);
@@ -231,16 +256,16 @@ int fs_raw_frame_decode(const uint8_t *src, size_t stored_len, uint8_t *dst, siz
 {
     uint8_t want[9];
     if (stored_len != fs_raw_frame_size(raw_len))
-        return -1;
+        return -EBADMSG;
     fs_raw_frame_header(want, raw_len);
     if (memcmp(src, want, 9) != 0)
-        return -1;
+        return -EBADMSG;
     src += 9;
     while (raw_len) {
         size_t k = raw_len < FS_RAW_BLOCK_MAX ? raw_len : FS_RAW_BLOCK_MAX;
         fs_raw_block_header(want, k, k == raw_len);
         if (memcmp(src, want, 3) != 0)
-            return -1;
+            return -EBADMSG;
         memcpy(dst, src + 3, k);
         src += 3 + k;
         dst += k;

@@ -27,8 +27,8 @@
 
 #define FS_TRAILER_SIZE 128u          /* whole trailer frame, fixed */
 #define FS_INDEX_ENTRY_SIZE 24u
-#define FS_CHUNK_MIN (64u << 10)
-#define FS_CHUNK_MAX (64u << 20)
+#define FS_CHUNK_MIN ((uint32_t)FS_CHUNK_SIZE_MIN)
+#define FS_CHUNK_MAX ((uint32_t)FS_CHUNK_SIZE_MAX)
 #define FS_RAW_BLOCK_MAX (128u << 10)  /* zstd raw block limit */
 #define FS_CHAIN_SEED 0x6661737473617665ULL /* "fastsave" */
 
@@ -74,17 +74,34 @@ struct fs_sync {
     int stop;
     struct fs_job *job;
 };
-void fs_sync_init(struct fs_sync *y, struct fs_job *job);
-void fs_sync_destroy(struct fs_sync *y);
-void fs_sync_stop(struct fs_sync *y);
-void fs_sync_stop_locked(struct fs_sync *y);
-void fs_sync_wait(struct fs_sync *y, pthread_cond_t *cv);
+void fs_sync_init(struct fs_sync *sync, struct fs_job *job);
+void fs_sync_destroy(struct fs_sync *sync);
+void fs_sync_stop(struct fs_sync *sync);
+void fs_sync_stop_locked(struct fs_sync *sync);
+void fs_sync_wait(struct fs_sync *sync, pthread_cond_t *cv);
 
-/* hash.c */
+/* hash.c: every hash of the format (XXH3-64) */
 uint64_t fs_digest(const void *data, size_t len);
 uint64_t fs_chain(uint64_t prev, uint64_t seq, uint64_t digest, uint32_t raw_len);
+struct fs_hash;                       /* incremental fs_digest of data given in pieces */
+struct fs_hash *fs_hash_new(void);
+void fs_hash_update(struct fs_hash *h, const void *data, size_t len);
+uint64_t fs_hash_digest(const struct fs_hash *h);
+void fs_hash_free(struct fs_hash *h);
 
-/* format.c: encoding of the image's parts (see docs/image-format.md) */
+/* format.c: encoding and decoding of the image's parts (docs/image-format.md).
+ * Decoders return 0, or -EBADMSG (-EPROTONOSUPPORT for a format version this
+ * reader does not know) and say why in a struct fs_why. */
+struct fs_why {
+    int kind;                         /* FS_ERR_* */
+    int64_t at;                       /* offset of the fault inside the decoded bytes, or -1 */
+    const char *what;
+};
+struct fs_lv_header {
+    uint32_t data_len;                /* bytes from the header's end to the payload */
+    uint32_t was_running;
+    uint32_t format;                  /* FS_LV_FORMAT_* */
+};
 struct fs_meta {
     uint32_t major, minor;
     uint32_t codec, chunk_size, was_running, auto_mode;
@@ -100,22 +117,27 @@ struct fs_trailer {
     uint64_t payload_offset, meta_offset, index_offset, trailer_offset;
     uint64_t prefix_hash, final_chain;
 };
+#define FS_META_MAX (8u + 72u + FS_NAME_MAX + FS_VERSION_MAX + 16u) /* whole frame */
+#define FS_INDEX_HEAD_SIZE 24u        /* skippable header, tag, count */
 uint64_t fs_payload_offset(uint64_t xml_len);
 void fs_encode_prefix(uint8_t *buf, uint64_t payload_offset, uint32_t lv_format,
                       uint32_t was_running, const char *xml, uint64_t xml_len);
+int fs_lv_header_prefix(const uint8_t *buf, size_t n);
+int fs_decode_lv_header(const uint8_t *buf, struct fs_lv_header *h, struct fs_why *why);
 size_t fs_meta_size(const struct fs_meta *m);
 void fs_encode_meta(uint8_t *buf, const struct fs_meta *m);
-int fs_decode_meta(const uint8_t *buf, size_t len, struct fs_meta *m, const char **why);
+int fs_decode_meta(const uint8_t *buf, size_t len, struct fs_meta *m, struct fs_why *why);
 size_t fs_index_size(uint64_t count);
 void fs_encode_index_head(uint8_t *buf, uint64_t count);
+int fs_decode_index_head(const uint8_t *buf, uint64_t frame_len, uint64_t count, struct fs_why *why);
 void fs_encode_entry(uint8_t *buf, const struct fs_entry *e);
 void fs_decode_entry(const uint8_t *buf, struct fs_entry *e);
 void fs_encode_trailer(uint8_t *buf, const struct fs_trailer *t);
-int fs_decode_trailer(const uint8_t *buf, struct fs_trailer *t, int *kind, const char **why);
+int fs_decode_trailer(const uint8_t *buf, struct fs_trailer *t, struct fs_why *why);
 size_t fs_raw_frame_size(size_t raw_len);
 size_t fs_raw_frame_header(uint8_t *buf, size_t raw_len);
 void fs_raw_block_header(uint8_t *buf, size_t block_len, int last);
-int fs_raw_frame_decode(const uint8_t *src, size_t stored_len, uint8_t *dst, size_t raw_len);
+int fs_raw_frame_decode(const uint8_t *src, size_t stored_len, uint8_t *dst, size_t raw_len); /* 0 or -EBADMSG */
 
 /* sink.c: ordered, optionally O_DIRECT, buffered writer of one file */
 struct fs_sink {
@@ -133,16 +155,17 @@ int fs_sink_flush(struct fs_sink *s);
 int fs_sink_finish(struct fs_sink *s);
 uint64_t fs_sink_pos(const struct fs_sink *s);
 void fs_sink_free(struct fs_sink *s);
-void fs_sink_write_behind(struct fs_sink *s);
+void fs_sink_advanced(struct fs_sink *s, uint64_t n);
 
 /* fdio.c: cancellable full reads and writes on pipes, sockets and files */
+int fs_wait_ready(int fd, short events, struct fs_job *job, uint64_t *wait_ns);
 ssize_t fs_read_full(int fd, void *buf, size_t n, struct fs_job *job, uint64_t *wait_ns,
                      uint64_t *count);
 int fs_write_full(int fd, const void *buf, size_t n, struct fs_job *job, uint64_t *wait_ns);
 int fs_pwrite_full(int fd, const void *buf, size_t n, uint64_t off);
 int fs_pread_exact(int fd, void *buf, size_t n, uint64_t off);
 void fs_grow_pipe(int fd);
-int fs_nonblocking_writer(int fd);
+int fs_nonblocking_writer(int fd);   /* an fd, or -errno (-ENOTSUP: fd is not a blocking pipe) */
 
 /* image.c: a validated image, ready to stream */
 struct fs_image {
@@ -171,18 +194,21 @@ void fs_tmp_discard(int dir_fd, int fd, const char *tmp);
 struct fs_index_build {
     struct fs_entry *e;
     uint64_t count, cap;
+    uint64_t max;                     /* FS_CHUNKS_MAX */
     uint64_t chain;                   /* chain value of the last chunk added */
     uint64_t stream_len;
-    uint64_t compressed;
 };
 void fs_index_init(struct fs_index_build *b);
+/* 0, -ENOMEM, or -EFBIG when the index already holds `max` chunks */
 int fs_index_add(struct fs_index_build *b, uint32_t raw_len, uint32_t stored_len, uint32_t flags,
                  uint32_t check, uint64_t digest);
+int fs_index_fail(const struct fs_index_build *b, int rc, uint32_t chunk_size, struct fs_job *job);
 void fs_index_free(struct fs_index_build *b);
 
-/* splice.c: zero-copy raw save when the input is a pipe; returns 1 when it
- * does not apply (input is not a pipe) without having read anything. */
+/* splice.c: zero-copy raw save when the input is a pipe. Sets *used to 0 and
+ * returns 0 without having read anything when it does not apply (the input
+ * is not a pipe); else *used is 1 and it returns 0 or -errno. */
 int fs_save_raw_splice(int in_fd, struct fs_sink *sink, uint32_t chunk_size,
-                       struct fs_index_build *ix, struct fs_job *job);
+                       struct fs_index_build *index, int *used, struct fs_job *job);
 
 #endif

@@ -8,43 +8,41 @@
 #include <unistd.h>
 #include <zstd.h>
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
-#define PREFIX_MAX (FS_LV_HEADER_SIZE + (64u << 20) + FS_ALIGN)
-#define META_MAX (8 + 72 + FS_NAME_MAX + FS_VERSION_MAX + 16)
 #define INDEX_BATCH 4096
+#define PREFIX_PIECE (1u << 20)        /* the header and XML region are hashed in pieces */
 
-static int bad(struct fs_job *job, int kind, int64_t off, const char *what)
+static int refuse(struct fs_job *job, int kind, int64_t off, const char *what)
 {
     return fs_fail(job, kind, kind == FS_ERR_IO ? EIO : EBADMSG, -1, off, "%s", what);
+}
+
+/* A decoder's refusal; `base` is the file offset of the decoded bytes. */
+static int refuse_decoded(struct fs_job *job, int rc, const struct fs_why *why, uint64_t base)
+{
+    return fs_fail(job, why->kind, -rc, -1, (int64_t)(base + (uint64_t)(why->at > 0 ? why->at : 0)),
+                   "%s", why->what);
 }
 
 static int read_at(int fd, void *buf, size_t n, uint64_t off, struct fs_job *job)
 {
     int r = fs_pread_exact(fd, buf, n, off);
     if (r == -ENODATA)
-        return bad(job, FS_ERR_TRUNCATED, (int64_t)off, "image ends early");
+        return refuse(job, FS_ERR_TRUNCATED, (int64_t)off, "image ends early");
     if (r < 0)
         return fs_fail(job, FS_ERR_IO, -r, -1, (int64_t)off, "reading the image at offset %llu: %s",
                        (unsigned long long)off, strerror(-r));
     return 0;
 }
 
-static int check_header(struct fs_image *img, const uint8_t *h, struct fs_job *job)
+static int check_header(struct fs_image *img, const uint8_t *header, struct fs_job *job)
 {
-    if (memcmp(h, "LibvirtQemudPart", 16) == 0)
-        return bad(job, FS_ERR_CORRUPT, 0, "the image is marked partial (an unfinished libvirt save)");
-    if (memcmp(h, "LibvirtQemudSave", 16) != 0)
-        return bad(job, FS_ERR_NOT_IMAGE, 0, "not a save image (no libvirt QEMU save header)");
-    uint32_t w[5];
-    memcpy(w, h + 16, sizeof w);
-    if (w[0] != 2)
-        return bad(job, FS_ERR_CORRUPT, 16, "libvirt header version is not 2");
-    img->lv_format = w[3];
-    img->trailer.payload_offset = FS_LV_HEADER_SIZE + (uint64_t)w[1];
-    if (w[3] != FS_LV_FORMAT_RAW && w[3] != FS_LV_FORMAT_ZSTD)
-        return bad(job, FS_ERR_CORRUPT, 28, "libvirt header names a format fastsave does not write");
+    struct fs_lv_header lv;
+    struct fs_why why;
+    int r = fs_decode_lv_header(header, &lv, &why);
+    if (r < 0)
+        return refuse_decoded(job, r, &why, 0);
+    img->lv_format = lv.format;
+    img->trailer.payload_offset = FS_LV_HEADER_SIZE + (uint64_t)lv.data_len;
     return 0;
 }
 
@@ -53,32 +51,49 @@ static int check_layout(struct fs_image *img, struct fs_job *job)
     const struct fs_trailer *t = &img->trailer;
     uint64_t meta_len = t->index_offset - t->meta_offset;
     if (t->trailer_offset != img->file_size - FS_TRAILER_SIZE)
-        return bad(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset,
+        return refuse(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset,
                    "trailer does not match the file size (bytes added or removed)");
-    if (t->payload_offset > PREFIX_MAX || t->payload_offset % FS_ALIGN ||
+    if (t->payload_offset > fs_payload_offset(FS_XML_MAX) || t->payload_offset % FS_ALIGN ||
         t->meta_offset < t->payload_offset ||
         t->index_offset <= t->meta_offset || t->index_offset >= t->trailer_offset ||
-        meta_len > META_MAX)
-        return bad(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset, "trailer offsets are inconsistent");
+        meta_len > FS_META_MAX)
+        return refuse(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset, "trailer offsets are inconsistent");
     return 0;
 }
 
+/* The header and XML region, read in pieces: memory does not grow with the XML. */
 static int check_prefix(struct fs_image *img, uint64_t payload_offset, struct fs_job *job)
 {
     if (img->trailer.payload_offset != payload_offset)
-        return bad(job, FS_ERR_CORRUPT, 20, "libvirt header and trailer disagree on the payload offset");
-    uint8_t *buf = malloc(payload_offset);
-    if (!buf)
-        return fs_fail(job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory");
-    int r = read_at(img->fd, buf, payload_offset, 0, job);
-    if (r == 0 && XXH3_64bits(buf, payload_offset) != img->trailer.prefix_hash)
-        r = bad(job, FS_ERR_CORRUPT, 0, "header or domain XML checksum mismatch");
-    if (r == 0) {
-        img->xml_len = strnlen((char *)buf + FS_LV_HEADER_SIZE, payload_offset - FS_LV_HEADER_SIZE);
-        if (img->xml_len == payload_offset - FS_LV_HEADER_SIZE)
-            r = bad(job, FS_ERR_CORRUPT, FS_LV_HEADER_SIZE, "domain XML is not NUL-terminated");
+        return refuse(job, FS_ERR_CORRUPT, 20, "libvirt header and trailer disagree on the payload offset");
+    uint8_t *buf = malloc(PREFIX_PIECE);
+    struct fs_hash *hash = fs_hash_new();
+    int r = 0;
+    if (!buf || !hash)
+        r = fs_fail(job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory");
+    uint64_t xml_len = 0;
+    int nul_seen = 0;
+    for (uint64_t off = 0; r == 0 && off < payload_offset; off += PREFIX_PIECE) {
+        size_t n = payload_offset - off < PREFIX_PIECE ? (size_t)(payload_offset - off) : PREFIX_PIECE;
+        r = read_at(img->fd, buf, n, off, job);
+        if (r < 0)
+            break;
+        fs_hash_update(hash, buf, n);
+        size_t from = off < FS_LV_HEADER_SIZE ? FS_LV_HEADER_SIZE - (size_t)off : 0;
+        if (!nul_seen && from < n) {
+            const uint8_t *nul = memchr(buf + from, 0, n - from);
+            nul_seen = nul != NULL;
+            xml_len += nul ? (uint64_t)(nul - (buf + from)) : n - from;
+        }
     }
+    if (r == 0 && fs_hash_digest(hash) != img->trailer.prefix_hash)
+        r = refuse(job, FS_ERR_CORRUPT, 0, "header or domain XML checksum mismatch");
+    if (r == 0 && !nul_seen)
+        r = refuse(job, FS_ERR_CORRUPT, FS_LV_HEADER_SIZE, "domain XML is not NUL-terminated");
+    img->xml_len = xml_len;
     free(buf);
+    if (hash)
+        fs_hash_free(hash);
     return r;
 }
 
@@ -86,23 +101,29 @@ static int check_meta(struct fs_image *img, struct fs_job *job)
 {
     const struct fs_trailer *t = &img->trailer;
     size_t len = t->index_offset - t->meta_offset;
-    const char *why = NULL;
+    struct fs_why why;
     img->meta_buf = malloc(len);
     if (!img->meta_buf)
         return fs_fail(job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory");
     int r = read_at(img->fd, img->meta_buf, len, t->meta_offset, job);
     if (r < 0)
         return r;
-    int kind = fs_decode_meta(img->meta_buf, len, &img->meta, &why);
-    if (kind)
-        return fs_fail(job, kind, kind == FS_ERR_VERSION ? EPROTONOSUPPORT : EBADMSG, -1,
-                       (int64_t)t->meta_offset, "%s", why);
+    r = fs_decode_meta(img->meta_buf, len, &img->meta, &why);
+    if (r < 0)
+        return refuse_decoded(job, r, &why, t->meta_offset);
     const struct fs_meta *m = &img->meta;
     uint32_t want = img->lv_format == FS_LV_FORMAT_RAW ? FS_CODEC_RAW : FS_CODEC_ZSTD;
+    int64_t at = (int64_t)t->meta_offset;
     if (m->codec != want)
-        return bad(job, FS_ERR_CORRUPT, (int64_t)t->meta_offset, "metadata codec does not match the header");
+        return refuse(job, FS_ERR_CORRUPT, at, "metadata codec does not match the header");
     if (m->chunk_size < FS_CHUNK_MIN || m->chunk_size > FS_CHUNK_MAX || m->chunk_size % FS_ALIGN)
-        return bad(job, FS_ERR_CORRUPT, (int64_t)t->meta_offset, "metadata chunk size out of range");
+        return fs_fail(job, FS_ERR_CORRUPT, EBADMSG, -1, at,
+                       "metadata chunk size %u out of range (a multiple of %u from %u to %u)",
+                       m->chunk_size, FS_ALIGN, FS_CHUNK_MIN, FS_CHUNK_MAX);
+    if (m->codec == FS_CODEC_RAW ? m->level != 0
+                                 : m->level < ZSTD_minCLevel() || m->level > ZSTD_maxCLevel())
+        return fs_fail(job, FS_ERR_CORRUPT, EBADMSG, -1, at, "metadata zstd level %d out of range",
+                       m->level);
     return 0;
 }
 
@@ -134,40 +155,50 @@ static int check_index(struct fs_image *img, struct fs_job *job)
     /* not (stream_len + chunk_size - 1) / chunk_size: that wraps for a stream_len
      * near 2^64 and makes a huge stream look like an empty one */
     uint64_t count = m->stream_len / m->chunk_size + (m->stream_len % m->chunk_size != 0);
-    if (len < 32 || (len - 32) % FS_INDEX_ENTRY_SIZE || (len - 32) / FS_INDEX_ENTRY_SIZE != count)
-        return bad(job, FS_ERR_CORRUPT, (int64_t)t->index_offset,
-                   "index size does not match the stream length");
-    uint8_t head[24];
+    /* The index is held in memory: its size is bounded before anything is
+     * allocated, whatever the (possibly sparse) file's size allows. */
+    if (count > FS_CHUNKS_MAX)
+        return fs_fail(job, FS_ERR_CORRUPT, EBADMSG, -1, (int64_t)t->meta_offset,
+                       "stream length %llu in chunks of %u bytes is %llu chunks, more than the "
+                       "limit of %u chunks per image",
+                       (unsigned long long)m->stream_len, m->chunk_size, (unsigned long long)count,
+                       (unsigned)FS_CHUNKS_MAX);
+    if (len < FS_INDEX_HEAD_SIZE + 8 || (len - FS_INDEX_HEAD_SIZE - 8) % FS_INDEX_ENTRY_SIZE ||
+        (len - FS_INDEX_HEAD_SIZE - 8) / FS_INDEX_ENTRY_SIZE != count)
+        return refuse(job, FS_ERR_CORRUPT, (int64_t)t->index_offset,
+                      "index size does not match the stream length");
+    uint8_t head[FS_INDEX_HEAD_SIZE];
+    struct fs_why why;
     int r = read_at(img->fd, head, sizeof head, t->index_offset, job);
     if (r < 0)
         return r;
-    if (fs_get32(head) != FS_SKIP_MAGIC || fs_get32(head + 4) != len - 8 ||
-        memcmp(head + 8, "FSV-INDX", 8) != 0 || fs_get64(head + 16) != count)
-        return bad(job, FS_ERR_CORRUPT, (int64_t)t->index_offset, "index frame malformed");
+    r = fs_decode_index_head(head, len, count, &why);
+    if (r < 0)
+        return refuse_decoded(job, r, &why, t->index_offset);
     img->entries = malloc((count ? count : 1) * sizeof *img->entries);
     uint8_t *batch = malloc(INDEX_BATCH * FS_INDEX_ENTRY_SIZE);
-    XXH3_state_t *st = XXH3_createState();
-    if (!img->entries || !batch || !st)
+    struct fs_hash *hash = fs_hash_new();
+    if (!img->entries || !batch || !hash)
         r = fs_fail(job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory for the index");
-    if (r == 0) {
-        XXH3_64bits_reset(st);
-        XXH3_64bits_update(st, head + 8, 16);
-    }
+    if (r == 0)
+        fs_hash_update(hash, head + 8, FS_INDEX_HEAD_SIZE - 8);
     for (uint64_t i = 0; r == 0 && i < count; i += INDEX_BATCH) {
         uint64_t n = count - i < INDEX_BATCH ? count - i : INDEX_BATCH;
-        r = read_at(img->fd, batch, n * FS_INDEX_ENTRY_SIZE, t->index_offset + 24 + i * FS_INDEX_ENTRY_SIZE, job);
+        r = read_at(img->fd, batch, n * FS_INDEX_ENTRY_SIZE,
+                    t->index_offset + FS_INDEX_HEAD_SIZE + i * FS_INDEX_ENTRY_SIZE, job);
         if (r == 0)
-            XXH3_64bits_update(st, batch, n * FS_INDEX_ENTRY_SIZE);
+            fs_hash_update(hash, batch, n * FS_INDEX_ENTRY_SIZE);
         for (uint64_t j = 0; r == 0 && j < n; j++)
             fs_decode_entry(batch + j * FS_INDEX_ENTRY_SIZE, &img->entries[i + j]);
     }
-    uint8_t h[8];
+    uint8_t sum[8];
     if (r == 0)
-        r = read_at(img->fd, h, 8, t->trailer_offset - 8, job);
-    if (r == 0 && fs_get64(h) != XXH3_64bits_digest(st))
-        r = bad(job, FS_ERR_CORRUPT, (int64_t)t->index_offset, "index checksum mismatch");
+        r = read_at(img->fd, sum, 8, t->trailer_offset - 8, job);
+    if (r == 0 && fs_get64(sum) != fs_hash_digest(hash))
+        r = refuse(job, FS_ERR_CORRUPT, (int64_t)t->index_offset, "index checksum mismatch");
     free(batch);
-    XXH3_freeState(st);
+    if (hash)
+        fs_hash_free(hash);
     if (r < 0)
         return r;
 
@@ -176,15 +207,15 @@ static int check_index(struct fs_image *img, struct fs_job *job)
         const char *why = check_entry(img, &img->entries[i], i, count);
         if (why)
             return fs_fail(job, FS_ERR_CORRUPT, EBADMSG, (int64_t)i,
-                           (int64_t)(t->index_offset + 24 + i * FS_INDEX_ENTRY_SIZE),
+                           (int64_t)(t->index_offset + FS_INDEX_HEAD_SIZE + i * FS_INDEX_ENTRY_SIZE),
                            "index entry of chunk %llu: %s", (unsigned long long)i, why);
         stored += img->entries[i].stored_len;
         img->compressed += img->entries[i].flags & FS_ENTRY_COMPRESSED;
     }
     if (stored != t->meta_offset - t->payload_offset)
-        return bad(job, FS_ERR_CORRUPT, (int64_t)t->meta_offset, "chunk sizes do not add up to the payload");
+        return refuse(job, FS_ERR_CORRUPT, (int64_t)t->meta_offset, "chunk sizes do not add up to the payload");
     if ((count ? img->entries[count - 1].chain : FS_CHAIN_SEED) != t->final_chain)
-        return bad(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset, "index does not end in the trailer's chain value");
+        return refuse(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset, "index does not end in the trailer's chain value");
     img->count = count;
     return 0;
 }
@@ -192,38 +223,36 @@ static int check_index(struct fs_image *img, struct fs_job *job)
 int fs_image_open(int fd, struct fs_image *img, struct fs_job *job)
 {
     struct stat st;
-    uint8_t h[FS_LV_HEADER_SIZE], tail[FS_TRAILER_SIZE];
+    uint8_t header[FS_LV_HEADER_SIZE], tail[FS_TRAILER_SIZE];
     memset(img, 0, sizeof *img);
     img->fd = fd;
     if (fstat(fd, &st) != 0)
         return fs_fail(job, FS_ERR_IO, errno, -1, -1, "stat of the image: %s", strerror(errno));
     if (!S_ISREG(st.st_mode))
-        return bad(job, FS_ERR_NOT_IMAGE, -1, "the image is not a regular file");
+        return refuse(job, FS_ERR_NOT_IMAGE, -1, "the image is not a regular file");
     img->file_size = (uint64_t)st.st_size;
     if (img->file_size < FS_LV_HEADER_SIZE) {
-        if (img->file_size && read_at(fd, h, img->file_size, 0, job) < 0)
+        if (img->file_size && read_at(fd, header, img->file_size, 0, job) < 0)
             return -EIO;
-        int partial = img->file_size == 0 ||
-                  memcmp(h, "LibvirtQemudSave", img->file_size < 16 ? img->file_size : 16) == 0;
-        return bad(job, partial ? FS_ERR_TRUNCATED : FS_ERR_NOT_IMAGE, (int64_t)img->file_size,
+        int partial = img->file_size == 0 || fs_lv_header_prefix(header, img->file_size);
+        return refuse(job, partial ? FS_ERR_TRUNCATED : FS_ERR_NOT_IMAGE, (int64_t)img->file_size,
                    partial ? "image ends inside its header" : "not a save image");
     }
-    int r = read_at(fd, h, sizeof h, 0, job);
+    int r = read_at(fd, header, sizeof header, 0, job);
     if (r == 0)
-        r = check_header(img, h, job);
+        r = check_header(img, header, job);
     if (r < 0)
         return r;
     uint64_t payload_offset = img->trailer.payload_offset;
     if (img->file_size < payload_offset + FS_TRAILER_SIZE)
-        return bad(job, FS_ERR_TRUNCATED, (int64_t)img->file_size, "image ends before its trailer");
+        return refuse(job, FS_ERR_TRUNCATED, (int64_t)img->file_size, "image ends before its trailer");
     r = read_at(fd, tail, sizeof tail, img->file_size - FS_TRAILER_SIZE, job);
     if (r < 0)
         return r;
-    int kind = 0;
-    const char *why = NULL;
-    if (fs_decode_trailer(tail, &img->trailer, &kind, &why) < 0)
-        return fs_fail(job, kind, kind == FS_ERR_VERSION ? EPROTONOSUPPORT : EBADMSG, -1,
-                       (int64_t)(img->file_size - FS_TRAILER_SIZE), "%s", why);
+    struct fs_why why;
+    r = fs_decode_trailer(tail, &img->trailer, &why);
+    if (r < 0)
+        return refuse_decoded(job, r, &why, img->file_size - FS_TRAILER_SIZE);
     r = check_layout(img, job);
     if (r == 0)
         r = check_prefix(img, payload_offset, job);

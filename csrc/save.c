@@ -15,10 +15,8 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#define ZSTD_STATIC_LINKING_ONLY /* ZSTD_estimateCCtxSize_usingCParams */
 #include <zstd.h>
-
-#define XXH_INLINE_ALL
-#include <xxhash.h>
 
 #define DEFAULT_LEVEL 1
 #define SINK_CAP (4u << 20)
@@ -39,9 +37,9 @@ struct slot {
 };
 
 struct save {
-    const struct fs_save_opts *o;
+    const struct fs_save_opts *opts;
     struct fs_job *job;
-    struct fs_sync y;
+    struct fs_sync sync;
     struct slot *slots;
     uint32_t nslots, nworkers;
     size_t out_cap;
@@ -51,7 +49,7 @@ struct save {
     int eof;
     int zstd_format;
     struct fs_sink sink;
-    struct fs_index_build ix;
+    struct fs_index_build index;
 };
 
 static struct slot *slot_of(struct save *s, uint64_t seq) { return &s->slots[seq % s->nslots]; }
@@ -61,32 +59,32 @@ static void *worker_main(void *arg)
     struct save *s = arg;
     uint64_t cpu0 = fs_thread_cpu_ns();
     ZSTD_CCtx *cctx = ZSTD_createCCtx();
-    if (!cctx || ZSTD_isError(ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, s->o->level)) ||
+    if (!cctx || ZSTD_isError(ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, s->opts->level)) ||
         ZSTD_isError(ZSTD_CCtx_setParameter(cctx, ZSTD_c_contentSizeFlag, 1))) {
         fs_fail(s->job, FS_ERR_NOMEM, ENOMEM, -1, -1, "cannot set up a zstd compressor");
-        fs_sync_stop(&s->y);
+        fs_sync_stop(&s->sync);
         ZSTD_freeCCtx(cctx);
         return NULL;
     }
     /* In auto mode compression only gets the CPU nothing else wants: not the
      * producer's (QEMU's migration thread), not the reader's or the writer's. */
-    if (s->o->mode == FS_MODE_AUTO) {
+    if (s->opts->mode == FS_MODE_AUTO) {
         struct sched_param sp = {.sched_priority = 0};
         if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) != 0)
             setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19);
     }
-    pthread_mutex_lock(&s->y.mu);
+    pthread_mutex_lock(&s->sync.mu);
     for (;;) {
-        while (!s->y.stop && s->q_head == s->q_tail && !s->eof)
-            fs_sync_wait(&s->y, &s->y.cv_work);
-        if (s->y.stop || s->q_head == s->q_tail)
+        while (!s->sync.stop && s->q_head == s->q_tail && !s->eof)
+            fs_sync_wait(&s->sync, &s->sync.cv_work);
+        if (s->sync.stop || s->q_head == s->q_tail)
             break;
         uint64_t seq = s->queue[s->q_head++ % s->nslots];
         struct slot *sl = slot_of(s, seq);
         if (sl->state != SLOT_QUEUED)
             continue; /* the writer took it back */
         sl->state = SLOT_BUSY;
-        pthread_mutex_unlock(&s->y.mu);
+        pthread_mutex_unlock(&s->sync.mu);
 
         sl->digest = fs_digest(sl->in, sl->in_len);
         sl->digested = 1;
@@ -94,8 +92,8 @@ static void *worker_main(void *arg)
         if (ZSTD_isError(c)) {
             fs_fail(s->job, FS_ERR_IO, EIO, (int64_t)seq, -1, "zstd compression of chunk %llu: %s",
                     (unsigned long long)seq, ZSTD_getErrorName(c));
-            pthread_mutex_lock(&s->y.mu);
-            fs_sync_stop_locked(&s->y);
+            pthread_mutex_lock(&s->sync.mu);
+            fs_sync_stop_locked(&s->sync);
             break;
         }
         /* Keep it only if it saves at least 1/64: else the raw copy restores faster. */
@@ -104,26 +102,26 @@ static void *worker_main(void *arg)
         if (sl->compressed)
             sl->check = (uint32_t)fs_digest(sl->out, c);
 
-        pthread_mutex_lock(&s->y.mu);
+        pthread_mutex_lock(&s->sync.mu);
         pthread_cond_t *wake = NULL;
         if (sl->owners) { /* the writer stored it meanwhile: the last one out frees it */
             if (--sl->owners == 0) {
                 sl->state = SLOT_FREE;
-                wake = &s->y.cv_free;
+                wake = &s->sync.cv_free;
             }
         } else {
             sl->state = SLOT_READY;
-            wake = &s->y.cv_ready;
+            wake = &s->sync.cv_ready;
         }
         /* Wake others with the lock released: a low-priority worker preempted
          * by the thread it woke, while holding the lock, would stall the data
          * path behind it. */
-        pthread_mutex_unlock(&s->y.mu);
+        pthread_mutex_unlock(&s->sync.mu);
         if (wake)
             pthread_cond_broadcast(wake);
-        pthread_mutex_lock(&s->y.mu);
+        pthread_mutex_lock(&s->sync.mu);
     }
-    pthread_mutex_unlock(&s->y.mu);
+    pthread_mutex_unlock(&s->sync.mu);
     ZSTD_freeCCtx(cctx);
     fs_stat_add(&s->job->stats.worker_cpu_ns, fs_thread_cpu_ns() - cpu0);
     return NULL;
@@ -148,7 +146,7 @@ static int append_stored_frame(struct save *s, const uint8_t *p, size_t n)
 
 /* `as_is`: store the input uncompressed whatever a worker did or does with it
  * (the worker only reads `in`, so both may use it at once). */
-static int write_chunk(struct save *s, uint64_t seq, struct slot *sl, int as_is)
+static int write_chunk(struct save *s, struct slot *sl, int as_is)
 {
     uint64_t digest = !as_is && sl->digested ? sl->digest : fs_digest(sl->in, sl->in_len);
     uint32_t stored, flags = 0, check = 0;
@@ -167,8 +165,9 @@ static int write_chunk(struct save *s, uint64_t seq, struct slot *sl, int as_is)
     }
     if (r < 0)
         return r;
-    if (fs_index_add(&s->ix, sl->in_len, stored, flags, check, digest) < 0)
-        return fs_fail(s->job, FS_ERR_NOMEM, ENOMEM, (int64_t)seq, -1, "out of memory for the index");
+    r = fs_index_add(&s->index, sl->in_len, stored, flags, check, digest);
+    if (r < 0)
+        return fs_index_fail(&s->index, r, s->opts->chunk_size, s->job);
     fs_stat_add(&s->job->stats.chunks, 1);
     fs_stat_add(flags ? &s->job->stats.chunks_compressed : &s->job->stats.chunks_stored, 1);
     return 0;
@@ -178,40 +177,39 @@ static void *writer_main(void *arg)
 {
     struct save *s = arg;
     uint64_t cpu0 = fs_thread_cpu_ns();
-    pthread_mutex_lock(&s->y.mu);
+    pthread_mutex_lock(&s->sync.mu);
     for (;;) {
         struct slot *sl = slot_of(s, s->next_write);
         int take = 0;
-        while (!s->y.stop && sl->state != SLOT_READY && !(s->eof && s->next_write == s->end_seq)) {
+        while (!s->sync.stop && sl->state != SLOT_READY && !(s->eof && s->next_write == s->end_seq)) {
             /* Auto mode never lets compression hold up the producer: once the
              * ring is (nearly) full, the writer stores this chunk as is. */
-            take = s->o->mode == FS_MODE_AUTO && s->next_fill - s->next_write + 1 >= s->nslots &&
+            take = s->opts->mode == FS_MODE_AUTO && s->next_fill - s->next_write + 1 >= s->nslots &&
                    (sl->state == SLOT_QUEUED || sl->state == SLOT_BUSY);
             if (take)
                 break;
-            fs_sync_wait(&s->y, &s->y.cv_ready);
+            fs_sync_wait(&s->sync, &s->sync.cv_ready);
         }
-        if (s->y.stop || (s->eof && s->next_write == s->end_seq && !take))
+        if (s->sync.stop || (s->eof && s->next_write == s->end_seq && !take))
             break;
         int busy = take && sl->state == SLOT_BUSY;
         if (take && !busy)
             sl->state = SLOT_TAKEN;
         if (busy)
             sl->owners = 2; /* writer and worker both read `in` now */
-        uint64_t seq = s->next_write;
-        pthread_mutex_unlock(&s->y.mu);
-        int r = write_chunk(s, seq, sl, take);
-        pthread_mutex_lock(&s->y.mu);
+        pthread_mutex_unlock(&s->sync.mu);
+        int r = write_chunk(s, sl, take);
+        pthread_mutex_lock(&s->sync.mu);
         if (r < 0) {
-            fs_sync_stop_locked(&s->y);
+            fs_sync_stop_locked(&s->sync);
             break;
         }
         if (!busy || --sl->owners == 0)
             sl->state = SLOT_FREE;
         s->next_write++;
-        pthread_cond_broadcast(&s->y.cv_free);
+        pthread_cond_broadcast(&s->sync.cv_free);
     }
-    pthread_mutex_unlock(&s->y.mu);
+    pthread_mutex_unlock(&s->sync.mu);
     fs_stat_add(&s->job->stats.writer_cpu_ns, fs_thread_cpu_ns() - cpu0);
     return NULL;
 }
@@ -222,91 +220,154 @@ static void read_loop(struct save *s, int in_fd)
     uint64_t cpu0 = fs_thread_cpu_ns();
     uint64_t input_wait = 0;
     for (;;) {
-        pthread_mutex_lock(&s->y.mu);
+        pthread_mutex_lock(&s->sync.mu);
         struct slot *sl = slot_of(s, s->next_fill);
         uint64_t t0 = fs_now_ns();
         if (sl->state != SLOT_FREE)
-            pthread_cond_broadcast(&s->y.cv_ready); /* the writer may take over (auto) */
-        while (!s->y.stop && sl->state != SLOT_FREE)
-            fs_sync_wait(&s->y, &s->y.cv_free);
+            pthread_cond_broadcast(&s->sync.cv_ready); /* the writer may take over (auto) */
+        while (!s->sync.stop && sl->state != SLOT_FREE)
+            fs_sync_wait(&s->sync, &s->sync.cv_free);
         fs_stat_add(&s->job->stats.producer_blocked_ns, fs_now_ns() - t0);
-        int stop = s->y.stop;
-        pthread_mutex_unlock(&s->y.mu);
+        int stop = s->sync.stop;
+        pthread_mutex_unlock(&s->sync.mu);
         if (stop)
             break;
 
-        ssize_t k = fs_read_full(in_fd, sl->in, s->o->chunk_size, s->job, &input_wait,
+        ssize_t k = fs_read_full(in_fd, sl->in, s->opts->chunk_size, s->job, &input_wait,
                                  &s->job->stats.bytes_in);
         fs_stat_set(&s->job->stats.input_wait_ns, input_wait);
         if (k < 0) {
             if (k != -ECANCELED)
                 fs_fail(s->job, FS_ERR_IO, (int)-k, (int64_t)s->next_fill, -1,
                         "reading the stream: %s", strerror((int)-k));
-            fs_sync_stop(&s->y);
+            fs_sync_stop(&s->sync);
             break;
         }
-        pthread_mutex_lock(&s->y.mu);
+        pthread_mutex_lock(&s->sync.mu);
         if (k == 0) {
             s->eof = 1;
             s->end_seq = s->next_fill;
-            pthread_cond_broadcast(&s->y.cv_work);
-            pthread_cond_broadcast(&s->y.cv_ready);
-            pthread_mutex_unlock(&s->y.mu);
+            pthread_cond_broadcast(&s->sync.cv_work);
+            pthread_cond_broadcast(&s->sync.cv_ready);
+            pthread_mutex_unlock(&s->sync.mu);
             break;
         }
         sl->in_len = (uint32_t)k;
         sl->compressed = 0;
         sl->digested = 0;
-        int compress = s->o->mode == FS_MODE_ZSTD ||
-                       (s->o->mode == FS_MODE_AUTO && s->q_tail - s->q_head < s->nworkers);
+        int compress = s->opts->mode == FS_MODE_ZSTD ||
+                       (s->opts->mode == FS_MODE_AUTO && s->q_tail - s->q_head < s->nworkers);
         if (compress) {
             sl->state = SLOT_QUEUED;
             s->queue[s->q_tail++ % s->nslots] = s->next_fill;
-            pthread_cond_signal(&s->y.cv_work);
+            pthread_cond_signal(&s->sync.cv_work);
         } else {
             sl->state = SLOT_READY;
-            pthread_cond_broadcast(&s->y.cv_ready);
+            pthread_cond_broadcast(&s->sync.cv_ready);
         }
         s->next_fill++;
-        pthread_mutex_unlock(&s->y.mu);
+        pthread_mutex_unlock(&s->sync.mu);
     }
     fs_stat_add(&s->job->stats.reader_cpu_ns, fs_thread_cpu_ns() - cpu0);
 }
 
-static int check_opts(const struct fs_save_opts *o, struct fs_job *job)
+static int check_opts(const struct fs_save_opts *opts, struct fs_job *job)
 {
-    if (o->mode < FS_MODE_RAW || o->mode > FS_MODE_AUTO)
-        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "unknown mode %d", o->mode);
-    if (o->chunk_size < FS_CHUNK_MIN || o->chunk_size > FS_CHUNK_MAX || o->chunk_size % FS_ALIGN)
+    if (opts->mode < FS_MODE_RAW || opts->mode > FS_MODE_AUTO)
+        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "unknown mode %d", opts->mode);
+    if (opts->chunk_size < FS_CHUNK_MIN || opts->chunk_size > FS_CHUNK_MAX || opts->chunk_size % FS_ALIGN)
         return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1,
-                       "chunk size must be a multiple of 4096 from 64 KiB to 64 MiB");
-    if (o->threads < 1 || o->threads > 256)
-        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "threads must be 1..256");
-    if (o->level < ZSTD_minCLevel() || o->level > ZSTD_maxCLevel())
-        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "zstd level must be %d..%d",
-                       ZSTD_minCLevel(), ZSTD_maxCLevel());
-    if (o->xml_len && (!o->xml || memchr(o->xml, 0, o->xml_len)))
+                       "chunk_size %u out of range: a multiple of %u from %u to %u",
+                       opts->chunk_size, FS_ALIGN, FS_CHUNK_MIN, FS_CHUNK_MAX);
+    if (opts->threads < 1 || opts->threads > FS_THREADS_MAX)
+        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "threads %d out of range 1..%d",
+                       opts->threads, FS_THREADS_MAX);
+    if (opts->slots > FS_SLOTS_MAX)
+        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "slots %u is more than the limit of %d",
+                       opts->slots, FS_SLOTS_MAX);
+    if (opts->level < ZSTD_minCLevel() || opts->level > ZSTD_maxCLevel())
+        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "zstd level %d out of range %d..%d",
+                       opts->level, ZSTD_minCLevel(), ZSTD_maxCLevel());
+    if (opts->xml_len > FS_XML_MAX)
+        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1,
+                       "domain XML of %llu bytes is more than the limit of %d",
+                       (unsigned long long)opts->xml_len, FS_XML_MAX);
+    if (opts->xml_len && (!opts->xml || memchr(opts->xml, 0, opts->xml_len)))
         return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "domain XML must not contain NUL bytes");
-    if (o->xml_len > (64u << 20))
-        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "domain XML larger than 64 MiB");
-    if (o->name_len > FS_NAME_MAX - 1 || (o->name_len && !o->name))
-        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "domain name longer than %d bytes",
-                       FS_NAME_MAX - 1);
-    if (o->version && strlen(o->version) > FS_VERSION_MAX - 1)
-        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "version string too long");
+    if (opts->name_len > FS_NAME_MAX - 1 || (opts->name_len && !opts->name))
+        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1,
+                       "domain name of %llu bytes is more than the limit of %d",
+                       (unsigned long long)opts->name_len, FS_NAME_MAX - 1);
+    if (opts->version && strlen(opts->version) > FS_VERSION_MAX - 1)
+        return fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1,
+                       "version string of %zu bytes is more than the limit of %d",
+                       strlen(opts->version), FS_VERSION_MAX - 1);
+    return 0;
+}
+
+#define MIB(v) ((unsigned long long)(((v) + (1u << 20) - 1) >> 20))
+
+/* Workers and ring depth within FS_BUFFERS_MAX: each slot holds a chunk and,
+ * when chunks are compressed, its compressed copy; each worker has a zstd
+ * context sized by level and chunk size. Without a slots option the default
+ * depth is shortened, and failing that the workers are fewer, so that a host
+ * with many CPUs saves with large chunks all the same. */
+static int plan_ring(struct save *s)
+{
+    const struct fs_save_opts *opts = s->opts;
+    uint64_t workers = opts->mode == FS_MODE_RAW ? 0 : (uint64_t)opts->threads;
+    uint64_t out_cap = workers ? ZSTD_compressBound(opts->chunk_size) : 0;
+    uint64_t per_slot = opts->chunk_size + fs_align_up(out_cap, FS_ALIGN);
+    uint64_t per_worker = 0;
+    if (workers)
+        per_worker = ZSTD_estimateCCtxSize_usingCParams(ZSTD_getCParams(opts->level, opts->chunk_size, 0));
+    while (workers > 1 && (workers + 2) * per_slot + workers * per_worker > FS_BUFFERS_MAX)
+        workers--;
+    uint64_t least = (workers + 2) * per_slot + workers * per_worker;
+    if (least > FS_BUFFERS_MAX)
+        return fs_fail(s->job, FS_ERR_ARG, EINVAL, -1, -1,
+                       "zstd level %d with chunk_size %u needs %llu MiB of buffers and compressor "
+                       "state, more than the limit of %llu MiB",
+                       opts->level, opts->chunk_size, MIB(least), MIB(FS_BUFFERS_MAX));
+    uint64_t room = (FS_BUFFERS_MAX - workers * per_worker) / per_slot;
+    uint64_t nslots;
+    if (opts->slots) {
+        nslots = opts->slots;
+        if (nslots > room)
+            return fs_fail(s->job, FS_ERR_ARG, EINVAL, -1, -1,
+                           "slots %u of %llu bytes each (chunk_size %u) need %llu MiB, more than "
+                           "the limit of %llu MiB",
+                           opts->slots, (unsigned long long)per_slot, opts->chunk_size,
+                           MIB(nslots * per_slot + workers * per_worker), MIB(FS_BUFFERS_MAX));
+    } else {
+        /* Auto mode gets a deeper ring: the writer stores a chunk as is only when
+         * the ring is nearly full, so depth is how long idle-priority workers may
+         * lag behind the producer before a chunk goes uncompressed. */
+        uint64_t deep = 8 * workers + 8 < 32 ? 8 * workers + 8 : 32;
+        nslots = 3 * workers + 4;
+        if (opts->mode == FS_MODE_AUTO && nslots < deep)
+            nslots = deep;
+        if (nslots > room)
+            nslots = room;
+    }
+    if (nslots < workers + 2)
+        nslots = workers + 2;
+    s->nworkers = (uint32_t)workers;
+    s->nslots = (uint32_t)nslots;
+    s->out_cap = (size_t)out_cap;
     return 0;
 }
 
 static int write_prefix(struct save *s, uint64_t *payload_offset, uint64_t *prefix_hash)
 {
-    const struct fs_save_opts *o = s->o;
-    uint64_t off = fs_payload_offset(o->xml_len);
+    const struct fs_save_opts *opts = s->opts;
+    uint64_t off = fs_payload_offset(opts->xml_len);
     uint8_t *buf = calloc(1, off);
     if (!buf)
         return fs_fail(s->job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory for the header");
     fs_encode_prefix(buf, off, s->zstd_format ? FS_LV_FORMAT_ZSTD : FS_LV_FORMAT_RAW,
-                     o->was_running, o->xml, o->xml_len);
-    *prefix_hash = XXH3_64bits(buf, off);
+                     opts->was_running, opts->xml, opts->xml_len);
+    *prefix_hash = fs_digest(buf, off);
     *payload_offset = off;
     int r = fs_sink_append(&s->sink, buf, off);
     free(buf);
@@ -315,88 +376,75 @@ static int write_prefix(struct save *s, uint64_t *payload_offset, uint64_t *pref
 
 static int write_tail(struct save *s, uint64_t payload_offset, uint64_t prefix_hash)
 {
-    const struct fs_save_opts *o = s->o;
+    const struct fs_save_opts *opts = s->opts;
     struct fs_meta m = {
         .codec = s->zstd_format ? FS_CODEC_ZSTD : FS_CODEC_RAW,
-        .chunk_size = o->chunk_size,
-        .was_running = o->was_running ? 1 : 0,
-        .auto_mode = o->mode == FS_MODE_AUTO,
-        .level = s->zstd_format ? o->level : 0,
-        .stream_len = s->ix.stream_len,
-        .created_ns = o->created_ns,
-        .name_len = (uint32_t)o->name_len,
-        .version_len = o->version ? (uint32_t)strlen(o->version) : 0,
-        .name = o->name,
-        .version = o->version,
+        .chunk_size = opts->chunk_size,
+        .was_running = opts->was_running ? 1 : 0,
+        .auto_mode = opts->mode == FS_MODE_AUTO,
+        .level = s->zstd_format ? opts->level : 0,
+        .stream_len = s->index.stream_len,
+        .created_ns = opts->created_ns,
+        .name_len = (uint32_t)opts->name_len,
+        .version_len = opts->version ? (uint32_t)strlen(opts->version) : 0,
+        .name = opts->name,
+        .version = opts->version,
     };
-    memcpy(m.uuid, o->uuid, 16);
+    memcpy(m.uuid, opts->uuid, 16);
     struct fs_trailer t = {.payload_offset = payload_offset, .prefix_hash = prefix_hash,
-                           .final_chain = s->ix.chain};
+                           .final_chain = s->index.chain};
     t.meta_offset = fs_sink_pos(&s->sink);
-    size_t msize = fs_meta_size(&m);
-    uint8_t mbuf[8 + 72 + FS_NAME_MAX + FS_VERSION_MAX + 16];
-    fs_encode_meta(mbuf, &m);
-    int r = fs_sink_append(&s->sink, mbuf, msize);
+    size_t meta_size = fs_meta_size(&m);
+    uint8_t meta_buf[FS_META_MAX];
+    fs_encode_meta(meta_buf, &m);
+    int r = fs_sink_append(&s->sink, meta_buf, meta_size);
     if (r < 0)
         return r;
 
     t.index_offset = fs_sink_pos(&s->sink);
-    uint8_t head[24], rec[FS_INDEX_ENTRY_SIZE], h[8];
-    XXH3_state_t *st = XXH3_createState();
-    if (!st)
+    uint8_t head[FS_INDEX_HEAD_SIZE], rec[FS_INDEX_ENTRY_SIZE], sum[8];
+    struct fs_hash *hash = fs_hash_new();
+    if (!hash)
         return fs_fail(s->job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory");
-    XXH3_64bits_reset(st);
-    fs_encode_index_head(head, s->ix.count);
-    XXH3_64bits_update(st, head + 8, 16);
+    fs_encode_index_head(head, s->index.count);
+    fs_hash_update(hash, head + 8, sizeof head - 8);
     r = fs_sink_append(&s->sink, head, sizeof head);
-    for (uint64_t i = 0; r == 0 && i < s->ix.count; i++) {
-        fs_encode_entry(rec, &s->ix.e[i]);
-        XXH3_64bits_update(st, rec, sizeof rec);
+    for (uint64_t i = 0; r == 0 && i < s->index.count; i++) {
+        fs_encode_entry(rec, &s->index.e[i]);
+        fs_hash_update(hash, rec, sizeof rec);
         r = fs_sink_append(&s->sink, rec, sizeof rec);
     }
-    fs_put64(h, XXH3_64bits_digest(st));
-    XXH3_freeState(st);
+    fs_put64(sum, fs_hash_digest(hash));
+    fs_hash_free(hash);
     if (r == 0)
-        r = fs_sink_append(&s->sink, h, 8);
+        r = fs_sink_append(&s->sink, sum, 8);
     if (r < 0)
         return r;
 
     t.trailer_offset = fs_sink_pos(&s->sink);
-    uint8_t tbuf[FS_TRAILER_SIZE];
-    fs_encode_trailer(tbuf, &t);
-    r = fs_sink_append(&s->sink, tbuf, sizeof tbuf);
+    uint8_t trailer_buf[FS_TRAILER_SIZE];
+    fs_encode_trailer(trailer_buf, &t);
+    r = fs_sink_append(&s->sink, trailer_buf, sizeof trailer_buf);
     return r < 0 ? r : fs_sink_finish(&s->sink);
 }
 
+/* Returns 0 or -errno; the ring was sized by plan_ring. */
 static int run_pipeline(struct save *s, int in_fd)
 {
-    const struct fs_save_opts *o = s->o;
-    s->nworkers = o->mode == FS_MODE_RAW ? 0 : (uint32_t)o->threads;
-    /* Auto mode gets a deeper ring: the writer stores a chunk as is only when
-     * the ring is nearly full, so depth is how long idle-priority workers may
-     * lag behind the producer before a chunk goes uncompressed. */
-    uint32_t deep = 8 * s->nworkers + 8 < 32 ? 8 * s->nworkers + 8 : 32;
-    s->nslots = 3 * s->nworkers + 4;
-    if (o->mode == FS_MODE_AUTO && s->nslots < deep)
-        s->nslots = deep;
-    if (o->slots)
-        s->nslots = o->slots;
-    if (s->nslots < s->nworkers + 2)
-        s->nslots = s->nworkers + 2;
-    s->out_cap = s->nworkers ? ZSTD_compressBound(o->chunk_size) : 0;
+    const struct fs_save_opts *opts = s->opts;
     s->slots = calloc(s->nslots, sizeof *s->slots);
     s->queue = calloc(s->nslots, sizeof *s->queue);
     if (!s->slots || !s->queue)
         return fs_fail(s->job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory for buffers");
     for (uint32_t i = 0; i < s->nslots; i++) {
-        s->slots[i].in = fs_aligned_alloc(o->chunk_size);
+        s->slots[i].in = fs_aligned_alloc(opts->chunk_size);
         s->slots[i].out = s->out_cap ? fs_aligned_alloc(s->out_cap) : NULL;
         if (!s->slots[i].in || (s->out_cap && !s->slots[i].out))
             return fs_fail(s->job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory for buffers");
     }
     fs_stat_set32(&s->job->stats.threads, s->nworkers);
 
-    pthread_t writer, workers[256];
+    pthread_t writer, workers[FS_THREADS_MAX];
     uint32_t started = 0;
     int writer_started = pthread_create(&writer, NULL, writer_main, s) == 0;
     for (uint32_t i = 0; writer_started && i < s->nworkers; i++, started++)
@@ -404,7 +452,7 @@ static int run_pipeline(struct save *s, int in_fd)
             break;
     if (!writer_started || started < s->nworkers) {
         fs_fail(s->job, FS_ERR_NOMEM, EAGAIN, -1, -1, "cannot start threads");
-        fs_sync_stop(&s->y);
+        fs_sync_stop(&s->sync);
     } else {
         read_loop(s, in_fd);
     }
@@ -412,7 +460,9 @@ static int run_pipeline(struct save *s, int in_fd)
         pthread_join(workers[i], NULL);
     if (writer_started)
         pthread_join(writer, NULL);
-    return fs_failed(s->job) ? -1 : 0;
+    if (!fs_failed(s->job))
+        return 0;
+    return s->job->error.err ? -s->job->error.err : -EIO;
 }
 
 static void free_pipeline(struct save *s)
@@ -437,14 +487,16 @@ int fs_save(int in_fd, int dir_fd, const char *name, const struct fs_save_opts *
     uint64_t t0 = fs_now_ns();
     struct save s;
     memset(&s, 0, sizeof s);
-    s.o = opts;
+    s.opts = opts;
     s.job = job;
     s.zstd_format = opts->mode != FS_MODE_RAW;
-    fs_index_init(&s.ix);
-    fs_sync_init(&s.y, job);
+    fs_index_init(&s.index);
+    fs_sync_init(&s.sync, job);
 
     char tmp[512];
     int fd = -1, r = check_opts(opts, job);
+    if (r == 0)
+        r = plan_ring(&s);
     if (r == 0)
         r = fs_check_name(name, job);
     if (r == 0) {
@@ -461,14 +513,12 @@ int fs_save(int in_fd, int dir_fd, const char *name, const struct fs_save_opts *
     if (r == 0 && is_pipe(in_fd))
         fs_grow_pipe(in_fd);
     if (r == 0) {
-        int done = 1;
+        int spliced = 0;
         if (opts->mode == FS_MODE_RAW && opts->allow_splice && !s.sink.direct)
-            done = fs_save_raw_splice(in_fd, &s.sink, opts->chunk_size, &s.ix, job);
-        if (done == 1)
+            r = fs_save_raw_splice(in_fd, &s.sink, opts->chunk_size, &s.index, &spliced, job);
+        if (!spliced)
             r = run_pipeline(&s, in_fd);
-        else
-            r = done;
-        fs_stat_set32(&job->stats.spliced, done == 0);
+        fs_stat_set32(&job->stats.spliced, (uint32_t)spliced);
     }
     if (r == 0)
         r = write_tail(&s, payload_offset, prefix_hash);
@@ -481,8 +531,8 @@ int fs_save(int in_fd, int dir_fd, const char *name, const struct fs_save_opts *
 
     free_pipeline(&s);
     fs_sink_free(&s.sink);
-    fs_index_free(&s.ix);
-    fs_sync_destroy(&s.y);
+    fs_index_free(&s.index);
+    fs_sync_destroy(&s.sync);
     fs_stat_set(&job->stats.wall_ns, fs_now_ns() - t0);
     fs_stat_set32(&job->stats.done, 1);
     if (r < 0 && !fs_failed(job))

@@ -25,6 +25,8 @@ int fs_sink_init(struct fs_sink *s, int fd, int direct, size_t cap, struct fs_jo
     return 0;
 }
 
+static void write_behind(struct fs_sink *s);
+
 static int write_at(struct fs_sink *s, const void *p, size_t n)
 {
     uint64_t t0 = fs_now_ns();
@@ -36,7 +38,7 @@ static int write_at(struct fs_sink *s, const void *p, size_t n)
                        strerror(-r));
     s->off += n;
     fs_stat_add(&s->job->stats.bytes_out, n);
-    fs_sink_write_behind(s);
+    write_behind(s);
     return 0;
 }
 
@@ -44,7 +46,7 @@ static int write_at(struct fs_sink *s, const void *p, size_t n)
  * the one before, dropping its pages. Dirty memory stays bounded, the page
  * cache is not flooded with an image nobody reads soon, and the final fsync
  * has little left to do. */
-void fs_sink_write_behind(struct fs_sink *s)
+static void write_behind(struct fs_sink *s)
 {
     if (s->direct || s->off - s->wb_start < WB_STEP)
         return;
@@ -105,6 +107,15 @@ int fs_sink_append(struct fs_sink *s, const void *p, size_t n)
 uint64_t fs_sink_pos(const struct fs_sink *s)
 {
     return s->off + s->len;
+}
+
+/* Someone else (splice) wrote n bytes at fs_sink_pos with nothing staged:
+ * count them, move on, and start their writeback like the sink's own. */
+void fs_sink_advanced(struct fs_sink *s, uint64_t n)
+{
+    s->off += n;
+    fs_stat_add(&s->job->stats.bytes_out, n);
+    write_behind(s);
 }
 
 /* Writes what is staged; returns with the file at its exact size. */

@@ -32,7 +32,8 @@ def fill_file(tmp_path_factory) -> str:
 
 def store_files(dom) -> list[str]:
     d = Path(fastsave.image_store(dom.connect()).directory)
-    return sorted(p.name for p in d.iterdir() if not p.name.endswith(".lock"))
+    return sorted(p.name for p in d.iterdir()
+                  if not p.name.endswith(".lock") and p.name != ".fastsave-store")
 
 
 def workers() -> list[int]:

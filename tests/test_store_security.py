@@ -10,7 +10,7 @@ import libvirt
 import pytest
 
 import fastsave
-from fastsave.store import ImageStore, StoreError
+from fastsave.store import ImageStore
 from support import guest
 
 pytestmark = pytest.mark.qemu
@@ -49,23 +49,6 @@ def test_image_of_another_user_or_writable_by_others_is_refused(make_guest):
     os.chmod(p, 0o600)
     fastsave.start(dom)
     assert dom.isActive()
-
-
-def test_store_directory_checks(tmp_path):
-    real = tmp_path / "real"
-    real.mkdir(mode=0o755)
-    ImageStore(real)
-    assert (real.stat().st_mode & 0o777) == 0o700  # tightened
-    link = tmp_path / "link"
-    link.symlink_to(real)
-    with pytest.raises(StoreError, match="symlink"):
-        ImageStore(link)
-    if os.geteuid() == 0:
-        other = tmp_path / "other"
-        other.mkdir(mode=0o700)
-        os.chown(other, 65534, 65534)
-        with pytest.raises(StoreError, match="owned by uid 65534"):
-            ImageStore(other)
 
 
 @pytest.mark.parametrize("name", ["..", "...evil..", "a b $(touch x) ; `id`", "x\ty", "тест-ü"])

@@ -26,6 +26,9 @@ _MANAGED = ("managed_save", "has_managed_save_image", "managed_save_remove", "st
 
 
 def __getattr__(name: str) -> object:
+    if name == "autostart":
+        from .bulk import autostart
+        return autostart
     if name in _MANAGED:
         from . import managed
         return getattr(managed, name)

@@ -24,7 +24,7 @@ import libvirt
 from . import engine
 from .managed import Options, image_store, managed_save, start
 
-__all__ = ["DomainResult", "BulkReport", "save_all", "restore_all", "default_parallel",
+__all__ = ["DomainResult", "BulkReport", "save_all", "restore_all", "autostart", "default_parallel",
            "TimeoutAction"]
 
 TimeoutAction = Literal["leave", "shutdown", "destroy"]
@@ -155,14 +155,15 @@ def save_all(conn: libvirt.virConnect, *, names: list[str] | None = None, match:
     n = parallel or default_parallel(len(doms))
     per_save_threads = _threads_each(opts, n)
     deadline = time.monotonic() + timeout if timeout else None
-    store = image_store(conn, opts.image_dir)
+    with image_store(conn, opts.image_dir) as store:
+        image_path = store.image_path
 
     def job(d: libvirt.virDomain, r: DomainResult) -> None:
         o = dataclasses.replace(opts, threads=per_save_threads, progress=_track(r, opts.progress))
         managed_save(d, flags, options=o)
         r.action = "saved"
         r.bytes = r.progress.bytes_in if r.progress else 0
-        r.image_bytes = os.path.getsize(store.image_path(d.UUIDString()))
+        r.image_bytes = os.path.getsize(image_path(d.UUIDString()))
 
     def late(d: libvirt.virDomain, r: DomainResult) -> None:
         r.error = "deadline passed before its save could start"
@@ -188,8 +189,8 @@ def restore_all(conn: libvirt.virConnect, *, include_all: bool = False,
     """Starts, from their saved state, the shut-off domains that have one:
     autostart domains only, unless `include_all` or names/match select others."""
     opts = options or Options()
-    store = image_store(conn, opts.image_dir)
-    saved = {u for u, _ in store.list_images()}
+    with image_store(conn, opts.image_dir) as store:
+        saved = {u for u, _ in store.list_images()}
     inactive = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE
                                    | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
     chosen = [d for d in _select(inactive, names, match) if d.UUIDString() in saved
@@ -206,3 +207,12 @@ def restore_all(conn: libvirt.virConnect, *, include_all: bool = False,
         r.bytes = r.progress.bytes_out if r.progress else 0
 
     return _run(chosen, job, n, None, None, on_start)
+
+
+def autostart(conn: libvirt.virConnect, *, include_all: bool = False,
+              options: Options | None = None) -> list[tuple[str, str | None]]:
+    """Host boot: restores every shut-off autostart domain that has a saved
+    state (every such domain with include_all), in bounded parallel.
+    Returns (name, error message or None) for each domain it tried."""
+    report = restore_all(conn, include_all=include_all, options=options)
+    return [(r.name, None if r.ok else r.error) for r in report.results]

@@ -11,8 +11,12 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Any
+
+from .config import CONFIG_PATH, SYSTEM_DIR
 
 __all__ = ["main"]
 
@@ -153,9 +157,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from . import engine
     from .managed import image_store
     conn = _conn(args, readonly=True)
-    store = image_store(conn, args.image_dir)
+    with image_store(conn, args.image_dir) as store:
+        images = store.list_images()
     rows = []
-    for uuid, path in store.list_images():
+    for uuid, path in images:
         try:
             info = engine.inspect(path)
             row = {"name": info.name, "uuid": uuid, "bytes": info.file_size,
@@ -183,7 +188,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         from .managed import image_store
         conn = _conn(args, readonly=True)
-        path = image_store(conn, args.image_dir).image_path(_domain(conn, args.target).UUIDString())
+        with image_store(conn, args.image_dir) as store:
+            path = store.image_path(_domain(conn, args.target).UUIDString())
     try:
         report = engine.verify(path)
     except ImageError as e:
@@ -198,7 +204,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from . import engine
     info = engine.verify(args.image).info if args.verify else engine.inspect(args.image)
     data = dataclasses.asdict(info)
-    if args.json:
+    if args.xml:
+        print(info.xml)
+    elif args.json:
         print(json.dumps(data, default=str))
     else:
         for k, v in data.items():
@@ -208,11 +216,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_install_hook(args: argparse.Namespace) -> int:
-    from .hook import install_hook
-    from .store import default_image_dir
-    stores = args.store or [default_image_dir("system", {})]
-    path = install_hook(stores)
-    print(f"installed {path}; restart libvirtd for it to take effect")
+    from .hook import install_hook, store_problems
+    path = install_hook(args.store)
+    print(f"installed {path}; it reads the image stores from {CONFIG_PATH} at every domain "
+          f"start; restart libvirtd for a new hook to take effect")
+    for problem in store_problems():
+        print(f"fastsave: warning: {problem}; the hook refuses every start until it is fixed",
+              file=sys.stderr)
     return 0
 
 
@@ -231,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="libvirt URI (default: $FASTSAVE_URI or %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--image-dir", help="image store directory (default: per connection)")
+    p.add_argument("--image-dir", help="image store directory (default: per connection; while "
+                   "the hook is installed, saves on qemu:///system need it listed in "
+                   f"{CONFIG_PATH}: see install-hook --store)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def engine_opts(sp: argparse.ArgumentParser) -> None:
@@ -298,10 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="show an image's metadata (--verify: check all data)")
     s.add_argument("image")
     s.add_argument("--verify", action="store_true")
+    s.add_argument("--xml", action="store_true", help="print the domain XML the image was saved with")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("install-hook", help="install the libvirt hook that guards saved states")
-    s.add_argument("--store", action="append", help="image store(s) the hook guards")
+    s.add_argument("--store", action="append",
+                   help=f"an image store to guard besides {SYSTEM_DIR}: listed in "
+                   f"{CONFIG_PATH} and created if missing (repeatable)")
     s.set_defaults(func=cmd_install_hook)
     s = sub.add_parser("install-units", help="install the systemd unit, its settings and the hook")
     s.add_argument("--unit-dir", default="/etc/systemd/system")
@@ -310,8 +325,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM (systemd stopping us) and SIGHUP (a closed SSH session) make
+    running saves and restores roll back, then the command exits with their
+    errors; a second signal changes nothing (the roll-back must finish)."""
+    from . import watch
+
+    def stop(signum: int, _frame: object) -> None:
+        watch.abort(f"{signal.Signals(signum).name} received")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        _stop_on_signals()
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

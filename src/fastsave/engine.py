@@ -3,6 +3,13 @@
 Each call runs in C without the GIL. Pass a `Job` to watch its counters or
 cancel it from another thread, or a `progress` callback that is called from
 a helper thread about every `progress_interval` seconds with a `Stats`.
+
+`restore_stream`, `verify` and `inspect` take the image as a path or as an
+open, readable file descriptor (which they read with pread and never close);
+`name=` sets what messages and exceptions call the image.
+
+Options beyond the C core's limits (`FS_*_MAX` in csrc/fastsave.h, see
+docs/image-format.md) raise ValueError naming the value and the limit.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from .errors import error_from_c
 
 __all__ = [
     "Mode",
+    "ImageSource",
     "Stats",
     "ImageInfo",
     "VerifyReport",
@@ -35,6 +43,8 @@ __all__ = [
 ]
 
 Mode = Literal["raw", "zstd", "auto"]
+#: An image given as a path or as an open file descriptor.
+ImageSource = str | os.PathLike[str] | int
 _MODES = {"raw": lib.FS_MODE_RAW, "zstd": lib.FS_MODE_ZSTD, "auto": lib.FS_MODE_AUTO}
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_LEVEL: int = lib.fs_default_level()
@@ -108,7 +118,10 @@ class Job:
 
 @dataclasses.dataclass(frozen=True)
 class ImageInfo:
-    """What an image says about itself (after its checks passed)."""
+    """What an image says about itself (after its checks passed).
+
+    `path` is the path the image was opened by, or the name given for an fd.
+    """
 
     path: str
     format_version: tuple[int, int]
@@ -172,9 +185,46 @@ def _run(call: Callable[[object], int], job: Job | None, path: str | None,
 
 def _default_threads() -> int:
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except OSError:
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, lib.FS_THREADS_MAX))
+
+
+def _int_in(what: str, value: object, low: int, high: int) -> int:
+    """`value` as an int within low..high (C's own checks follow for the finer rules)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{what} {value} out of range {low}..{high}")
+    return value
+
+
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
+class _Image:
+    """An image opened for one call: from a path (closed afterwards) or a caller's fd."""
+
+    def __init__(self, image: ImageSource, name: str | None) -> None:
+        if isinstance(image, bool):
+            raise TypeError("image must be a path or a file descriptor, not bool")
+        if isinstance(image, int):
+            if image < 0:
+                raise ValueError(f"invalid file descriptor {image}")
+            self.fd, self._own = image, False
+            self.name = name if name is not None else f"<fd {image}>"
+        else:
+            path = os.fspath(image)
+            self.fd, self._own = os.open(path, os.O_RDONLY | os.O_CLOEXEC), True
+            self.name = name if name is not None else path
+
+    def __enter__(self) -> _Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._own:
+            os.close(self.fd)
 
 
 def _uuid_bytes(value: str | bytes | _uuid.UUID | None) -> bytes:
@@ -219,6 +269,11 @@ def save_stream(
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {sorted(_MODES)}, not {mode!r}")
+    threads = _default_threads() if threads is None else _int_in("threads", threads, 1, lib.FS_THREADS_MAX)
+    _int_in("chunk_size", chunk_size, lib.FS_CHUNK_SIZE_MIN, lib.FS_CHUNK_SIZE_MAX)
+    _int_in("slots", slots, 0, lib.FS_SLOTS_MAX)
+    if level is not None:
+        _int_in("level", level, *_INT32)
     target = os.fspath(path)
     directory, base = os.path.split(os.path.abspath(target))
     xml_b = (xml or "").encode()
@@ -227,7 +282,7 @@ def save_stream(
     opts = ffi.new("struct fs_save_opts *")
     opts.mode = _MODES[mode]
     opts.level = DEFAULT_LEVEL if level is None else level
-    opts.threads = _default_threads() if threads is None else threads
+    opts.threads = threads
     opts.direct = 1 if direct else 0
     opts.chunk_size = chunk_size
     opts.slots = slots
@@ -248,7 +303,7 @@ def save_stream(
 
 
 def restore_stream(
-    path: str | os.PathLike[str],
+    path: ImageSource,
     out_fd: int,
     *,
     threads: int | None = None,
@@ -257,56 +312,59 @@ def restore_stream(
     job: Job | None = None,
     progress: Callable[[Stats], None] | None = None,
     progress_interval: float = 0.5,
+    name: str | None = None,
 ) -> Stats:
-    """Checks the image at `path` and writes its stream to `out_fd`.
+    """Checks the image at `path` (a path or an open fd) and writes its stream to `out_fd`.
 
     Header, metadata, index and trailer are checked before the first byte is
     written; every chunk is checked before it is written, and the first bad
-    one stops the restore with `ImageCorrupt`.
+    one stops the restore with `ImageCorrupt`. `name` is what errors call
+    the image (default: the path, or "<fd N>").
     """
-    return _restore(os.fspath(path), out_fd, threads, direct, slots, job, progress,
-                    progress_interval)
+    with _Image(path, name) as image:
+        return _restore(image, out_fd, threads, direct, slots, job, progress, progress_interval)
 
 
-def _restore(path: str, out_fd: int, threads: int | None, direct: bool, slots: int,
+def _restore(image: _Image, out_fd: int, threads: int | None, direct: bool, slots: int,
              job: Job | None, progress: Callable[[Stats], None] | None,
              interval: float) -> Stats:
     opts = ffi.new("struct fs_restore_opts *")
-    opts.threads = _default_threads() if threads is None else threads
+    opts.threads = (_default_threads() if threads is None
+                    else _int_in("threads", threads, 0, lib.FS_THREADS_MAX))
     opts.direct = 1 if direct else 0
-    opts.slots = slots
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return _run(lambda cjob: lib.fs_restore(fd, out_fd, opts, cjob), job, path,
-                    progress, interval)
-    finally:
-        os.close(fd)
+    opts.slots = _int_in("slots", slots, 0, lib.FS_SLOTS_MAX)
+    return _run(lambda cjob: lib.fs_restore(image.fd, out_fd, opts, cjob), job, image.name,
+                progress, interval)
 
 
 def verify(
-    path: str | os.PathLike[str], *, threads: int | None = None, direct: bool = False,
-    job: Job | None = None,
+    path: ImageSource, *, threads: int | None = None, direct: bool = False,
+    job: Job | None = None, name: str | None = None,
 ) -> VerifyReport:
-    """Reads and checks the whole image; raises `ImageError` if it is bad."""
-    p = os.fspath(path)
-    info = inspect(p)
-    stats = _restore(p, -1, threads, direct, 0, job, None, 0.5)
+    """Reads and checks the whole image (a path or an open fd); raises `ImageError` if it is bad."""
+    with _Image(path, name) as image:
+        info = _inspect(image)
+        stats = _restore(image, -1, threads, direct, 0, job, None, 0.5)
     return VerifyReport(info=info, stats=stats)
 
 
-def inspect(path: str | os.PathLike[str]) -> ImageInfo:
-    """Checks header, metadata, index and trailer, and returns the metadata."""
-    p = os.fspath(path)
+def inspect(path: ImageSource, *, name: str | None = None) -> ImageInfo:
+    """Checks header, metadata, index and trailer, and returns the metadata.
+
+    `path` is a path or an open fd; `ImageInfo.path` is then `name`, by
+    default "<fd N>".
+    """
+    with _Image(path, name) as image:
+        return _inspect(image)
+
+
+def _inspect(image: _Image) -> ImageInfo:
     info = ffi.new("struct fs_image_info *")
-    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _run(lambda cjob: lib.fs_inspect(fd, info, cjob), None, p, None, 0.5)
-        xml = os.pread(fd, info.xml_len, info.xml_offset) if info.xml_len else b""
-    finally:
-        os.close(fd)
+    _run(lambda cjob: lib.fs_inspect(image.fd, info, cjob), None, image.name, None, 0.5)
+    xml = os.pread(image.fd, info.xml_len, info.xml_offset) if info.xml_len else b""
     raw_uuid = bytes(ffi.buffer(info.uuid, 16))
     return ImageInfo(
-        path=p,
+        path=image.name,
         format_version=(info.major, info.minor),
         libvirt_format=info.libvirt_format,
         codec="zstd" if info.codec == lib.FS_CODEC_ZSTD else "raw",

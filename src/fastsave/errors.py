@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from ._native import lib
+
 __all__ = [
     "FastsaveError",
     "ImageError",
@@ -52,12 +54,23 @@ class Cancelled(FastsaveError):
     """The call was cancelled through its Job."""
 
 
-# C error kinds (FS_ERR_* in csrc/fastsave.h).
-_IO, _CORRUPT, _TRUNCATED, _VERSION, _CANCELLED, _ARG, _NOMEM, _NOT_IMAGE = range(1, 9)
+# C error kinds: FS_ERR_* of csrc/fastsave.h, as the extension exposes them.
+_IO = lib.FS_ERR_IO
+_CORRUPT = lib.FS_ERR_CORRUPT
+_TRUNCATED = lib.FS_ERR_TRUNCATED
+_VERSION = lib.FS_ERR_VERSION
+_CANCELLED = lib.FS_ERR_CANCELLED
+_ARG = lib.FS_ERR_ARG
+_NOMEM = lib.FS_ERR_NOMEM
+_NOT_IMAGE = lib.FS_ERR_NOT_IMAGE
 
 
 def error_from_c(kind: int, err: int, chunk: int, offset: int, msg: str, path: str | None) -> Exception:
-    """Turns the fs_error a C call filled in into the exception to raise."""
+    """Turns the fs_error a C call filled in into the exception to raise.
+
+    `path` names the image in messages and on the exception: a path, or for
+    a caller's open file descriptor whatever name the caller gave it.
+    """
     where = path or "<fd>"
     loc = ""
     if chunk >= 0 and f"chunk {chunk}" not in msg:

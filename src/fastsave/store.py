@@ -1,5 +1,12 @@
 """The image store: one image per domain UUID in a private directory, with a
-lock per domain so that two calls never save or restore one domain at once."""
+lock per domain so that two calls never save or restore one domain at once.
+
+The store directory is checked once and opened; every operation of the store
+then goes through that directory's fd, so renaming or replacing the path
+later cannot redirect it. Only `pending_path` hands out a path (the engine
+child writes there), and it first checks that the path still leads to the
+opened directory.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +15,23 @@ import errno
 import fcntl
 import json
 import os
+import re
 import stat
+import time
 import uuid as _uuid
 from collections.abc import Iterator
+from types import TracebackType
 
 from . import engine
+from .config import CONFIG_PATH, HOOK_DIR, STORE_MARKER, SYSTEM_DIR, ConfigError, hook_installed
+from .config import load as load_config
 
-__all__ = ["ImageStore", "StoreError", "DomainBusy", "default_image_dir"]
+__all__ = ["ImageStore", "StoreError", "DomainBusy", "UnguardedStore", "default_image_dir",
+           "open_store", "require_guarded", "SYSTEM_DIR", "IMAGE_SUFFIX", "STORE_MARKER"]
 
-SYSTEM_DIR = "/var/lib/fastsave/images"
 IMAGE_SUFFIX = ".fsimg"
+_ORPHAN = re.compile(r"^\.([0-9a-f-]{36})\.orphaned-[0-9]+(?:-[0-9]+)?" + re.escape(IMAGE_SUFFIX) + "$")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class StoreError(Exception):
@@ -26,6 +40,10 @@ class StoreError(Exception):
 
 class DomainBusy(StoreError):
     """Another fastsave call holds this domain's lock."""
+
+
+class UnguardedStore(StoreError):
+    """A save on qemu:///system into a store the libvirt hook does not guard."""
 
 
 def default_image_dir(kind: str, query: dict[str, str]) -> str:
@@ -46,46 +64,235 @@ def canonical_uuid(value: str) -> str:
     return str(_uuid.UUID(value))
 
 
-class ImageStore:
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = os.path.abspath(os.fspath(directory))
-        self._open_dir()
-        engine.cleanup(self.directory)
+def require_guarded(directory: str | os.PathLike[str], *, config_path: str = CONFIG_PATH,
+                    hook_dir: str = HOOK_DIR) -> None:
+    """Saves on qemu:///system refuse stores the guard does not cover: while
+    the libvirt hook is installed, the store must be the system store or be
+    listed in the configuration file, which the hook reads at every start."""
+    if not hook_installed(hook_dir):
+        return
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        raise UnguardedStore(f"{e}; saves are refused until it is fixed, since the libvirt "
+                             f"hook cannot guard saved states meanwhile") from None
+    real = os.path.realpath(os.fspath(directory))
+    if real not in {os.path.realpath(s) for s in cfg.guarded}:
+        raise UnguardedStore(
+            f"image store {real} is not listed in {cfg.path}, so the libvirt hook would not "
+            f"stop a plain start from discarding what is saved there; add the line "
+            f"'store = {real}' to {cfg.path} (or run 'fastsave install-hook --store {real}')")
 
-    def _open_dir(self) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+
+def open_store(kind: str, query: dict[str, str], image_dir: str | None = None, *,
+               saving: bool = False, config_path: str = CONFIG_PATH,
+               hook_dir: str = HOOK_DIR) -> ImageStore:
+    """The store of a connection of this kind (see virt.connection_kind), or
+    `image_dir`. `saving`: the caller is about to save into it; on the system
+    connection that needs a store the hook guards (checked before the
+    directory is created)."""
+    directory = image_dir or default_image_dir(kind, query)
+    if saving and kind == "system":
+        require_guarded(directory, config_path=config_path, hook_dir=hook_dir)
+    store = ImageStore(directory)
+    if saving and kind == "system":
+        try:  # the same check on the path as opened
+            require_guarded(store.directory, config_path=config_path, hook_dir=hook_dir)
+        except BaseException:
+            store.close()
+            raise
+    return store
+
+
+def _check_ancestor(fd: int, where: str) -> None:
+    """A directory above the store: only root or we may change what its names
+    lead to. Writable by others is accepted only with the sticky bit, where
+    others cannot rename or remove entries that are not theirs (and the next
+    component's owner is checked in turn)."""
+    st = os.fstat(fd)
+    if st.st_uid not in (0, os.geteuid()):
+        raise StoreError(f"{where}, above the image store, is owned by uid {st.st_uid}: that "
+                         f"user could swap the store for another directory; refusing it")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise StoreError(f"{where}, above the image store, is writable by group or others "
+                         f"(mode {stat.S_IMODE(st.st_mode):o}) without the sticky bit: they "
+                         f"could swap the store for another directory; refusing it")
+
+
+def _open_store_dir(directory: str) -> tuple[int, str, bool]:
+    """Opens the store directory after checking every directory above it,
+    creating what is missing (the store itself 0700). Returns (fd, the path
+    as checked, created). An existing store is never changed: one that is
+    not ours or that others may read or write is refused."""
+    path = os.path.abspath(directory)
+    parent, leaf = os.path.split(path)
+    if not leaf:
+        raise StoreError("/ cannot be an image store")
+    parent = os.path.realpath(parent)  # symlinks above are resolved once; below, none is followed
+    path = os.path.join(parent, leaf)
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        where = "/"
+        _check_ancestor(fd, where)
+        names = [c for c in parent.split("/") if c] + [leaf]
+        for i, name in enumerate(names):
+            is_leaf = i == len(names) - 1
+            created = False
+            try:
+                os.mkdir(name, 0o700 if is_leaf else 0o755, dir_fd=fd)
+                created = True
+            except FileExistsError:
+                pass
+            where = os.path.join(where, name)
+            try:
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    what = "image directory" if is_leaf else "directory above the image store"
+                    raise StoreError(f"{what} {where} is not a plain directory (a symlink?); "
+                                     f"refusing it") from None
+                raise
+            os.close(fd)
+            fd = nfd
+            if not is_leaf:
+                _check_ancestor(fd, where)
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise StoreError(f"image directory {path} is owned by uid {st.st_uid}, not by this "
+                             f"user ({os.geteuid()}); refusing it")
+        if created:
+            os.fchmod(fd, 0o700)  # whatever the umask
+        elif st.st_mode & 0o077:
+            raise StoreError(
+                f"image directory {path} has mode {stat.S_IMODE(st.st_mode):o}; an image store "
+                f"must be private to its owner (images hold guest memory) and fastsave does not "
+                f"change an existing directory: give it a directory of its own (a new one is "
+                f"created 0700), or run 'chmod 700 {path}' if nothing else needs access to it")
+        return fd, path, created
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class ImageStore:
+    """An opened store directory. It holds an fd: close() it, or use it as a
+    context manager."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self._fd = -1
+        self._fd, self.directory, created = _open_store_dir(os.fspath(directory))
         try:
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise StoreError(f"image directory {self.directory} is not a plain directory "
-                             f"(a symlink?): {e.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if st.st_uid != os.geteuid():
-                raise StoreError(f"image directory {self.directory} is owned by uid {st.st_uid}, "
-                                 f"not by this user ({os.geteuid()})")
-            if st.st_mode & 0o077:
-                os.fchmod(fd, 0o700)
-        finally:
+            if created:
+                self.mark()
+            engine.cleanup(self._fd_path())
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the opened directory
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
             os.close(fd)
 
-    def image_path(self, dom_uuid: str) -> str:
-        return os.path.join(self.directory, canonical_uuid(dom_uuid) + IMAGE_SUFFIX)
+    def __enter__(self) -> ImageStore:
+        return self
 
-    def _side_path(self, dom_uuid: str, kind: str) -> str:
-        return os.path.join(self.directory, f".{canonical_uuid(dom_uuid)}.{kind}")
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise StoreError(f"image store {self.directory} is closed")
+        return self._fd
+
+    def _fd_path(self) -> str:
+        """A path to the opened directory itself, for this process only."""
+        proc = f"/proc/self/fd/{self.fd}"
+        return proc if os.path.isdir("/proc/self/fd") else self.directory
+
+    def _sync_dir(self) -> None:
+        os.fsync(self.fd)
+
+    def _lstat(self, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _check_path(self) -> None:
+        """The path still leads to the opened directory."""
+        try:
+            st = os.stat(self.directory, follow_symlinks=False)
+        except OSError:
+            st = None
+        mine = os.fstat(self.fd)
+        if st is None or (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino):
+            raise StoreError(f"image directory {self.directory} was moved or replaced after it "
+                             f"was opened; refusing to write through its path")
+
+    @property
+    def marked(self) -> bool:
+        """The store carries its marker, by which the hook knows it is mounted."""
+        return self._lstat(STORE_MARKER) is not None
+
+    def mark(self) -> None:
+        """Writes the marker (see config.STORE_MARKER) if it is missing."""
+        if self.marked:
+            return
+        self._write_small(STORE_MARKER, "fastsave image store; the libvirt hook refuses every "
+                                        "domain start while this file is missing\n")
+        self._sync_dir()
+
+    # -- names
+
+    def _image_name(self, dom_uuid: str) -> str:
+        return canonical_uuid(dom_uuid) + IMAGE_SUFFIX
+
+    @staticmethod
+    def _side_name(dom_uuid: str, kind: str) -> str:
+        return f".{canonical_uuid(dom_uuid)}.{kind}"
+
+    def image_path(self, dom_uuid: str) -> str:
+        return os.path.join(self.directory, self._image_name(dom_uuid))
 
     def pending_path(self, dom_uuid: str) -> str:
-        """Where a save in progress writes; it becomes the image on commit."""
-        return self._side_path(dom_uuid, "pending")
+        """Where a save in progress writes (the engine child, by path); it
+        becomes the image on commit. Refused once the path no longer leads to
+        the opened directory."""
+        self._check_path()
+        return os.path.join(self.directory, self._side_name(dom_uuid, "pending"))
+
+    def scratch_path(self, dom_uuid: str) -> str:
+        """A private path for a short-lived file that another process (libvirtd)
+        must reach by name; checked like pending_path. Its user removes it."""
+        self._check_path()
+        return os.path.join(self.directory, self._side_name(dom_uuid, "scratch"))
+
+    # -- images
 
     def commit_pending(self, dom_uuid: str) -> None:
-        os.rename(self.pending_path(dom_uuid), self.image_path(dom_uuid))
+        pending = self._side_name(dom_uuid, "pending")
+        st = self._lstat(pending)
+        if st is None:
+            raise FileNotFoundError(errno.ENOENT, "no pending image in the opened store directory",
+                                    os.path.join(self.directory, pending))
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise StoreError(f"{os.path.join(self.directory, pending)} is not a regular file of "
+                             f"this user; refusing to commit it")
+        os.rename(pending, self._image_name(dom_uuid), src_dir_fd=self.fd, dst_dir_fd=self.fd)
         self._sync_dir()
 
     def discard_pending(self, dom_uuid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.pending_path(dom_uuid))
+            os.unlink(self._side_name(dom_uuid, "pending"), dir_fd=self.fd)
 
     def has_image(self, dom_uuid: str) -> bool:
         try:
@@ -99,7 +306,8 @@ class ImageStore:
         a regular file of this user that nobody else may write."""
         path = self.image_path(dom_uuid)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(self._image_name(dom_uuid),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise StoreError(f"{path} is a symbolic link; refusing it") from None
@@ -114,23 +322,25 @@ class ImageStore:
     def remove_image(self, dom_uuid: str) -> bool:
         """Removes the image durably; True if there was one."""
         try:
-            os.unlink(self.image_path(dom_uuid))
+            os.unlink(self._image_name(dom_uuid), dir_fd=self.fd)
         except FileNotFoundError:
             return False
         self._sync_dir()
         return True
 
-    def _sync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+    def _names(self) -> list[str]:
+        # A file description of our own: listing through the shared one would
+        # move its position under other threads.
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
         try:
-            os.fsync(fd)
+            return sorted(os.listdir(fd))
         finally:
             os.close(fd)
 
     def list_images(self) -> list[tuple[str, str]]:
         """(uuid, path) of every image in the store."""
         out = []
-        for name in sorted(os.listdir(self.directory)):
+        for name in self._names():
             if name.endswith(IMAGE_SUFFIX) and not name.startswith("."):
                 try:
                     u = canonical_uuid(name[: -len(IMAGE_SUFFIX)])
@@ -139,14 +349,45 @@ class ImageStore:
                 out.append((u, os.path.join(self.directory, name)))
         return out
 
+    def quarantine_image(self, dom_uuid: str) -> str | None:
+        """Moves the image durably out of the way of every start (managed
+        starts, restore-all, the hook): to `.UUID.orphaned-<unix time>.fsimg`,
+        kept for inspection and listed by list_orphans. Returns the new path,
+        or None if there was no image."""
+        src = self._image_name(dom_uuid)
+        if self._lstat(src) is None:
+            return None
+        base = f".{canonical_uuid(dom_uuid)}.orphaned-{int(time.time())}"
+        n = 0
+        while self._lstat(dst := base + (f"-{n}" if n else "") + IMAGE_SUFFIX) is not None:
+            n += 1
+        os.rename(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        self._sync_dir()
+        return os.path.join(self.directory, dst)
+
+    def list_orphans(self) -> list[tuple[str, str]]:
+        """(uuid, path) of every quarantined image, oldest first per domain."""
+        out = []
+        for name in self._names():
+            m = _ORPHAN.match(name)
+            if m:
+                try:
+                    out.append((canonical_uuid(m.group(1)), os.path.join(self.directory, name)))
+                except ValueError:
+                    continue
+        return out
+
+    # -- locks
+
     @contextlib.contextmanager
     def lock(self, dom_uuid: str, name: str = "") -> Iterator[None]:
         """Holds the domain's lock, or raises DomainBusy at once. The lock file
         is removed on release when the domain has nothing left in the store,
         so the store does not collect lock files of domains long gone."""
-        path = self._side_path(dom_uuid, "lock")
+        lock_name = self._side_name(dom_uuid, "lock")
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(lock_name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -157,11 +398,8 @@ class ImageStore:
                 raise
             # The holder before us may have removed the file we opened: only
             # a lock on the file that is at the path now excludes others.
-            try:
-                current = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
+            st = self._lstat(lock_name)
+            if st is not None and st.st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)
         try:
@@ -170,50 +408,74 @@ class ImageStore:
             try:
                 if not self._has_state(dom_uuid):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)  # while still holding it: see the check above
+                        os.unlink(lock_name, dir_fd=self.fd)  # still held: see the check above
             finally:
                 os.close(fd)
 
     def _has_state(self, dom_uuid: str) -> bool:
-        return any(os.path.lexists(p) for p in (
-            self.image_path(dom_uuid), self.pending_path(dom_uuid),
-            self._side_path(dom_uuid, "saving"), self._side_path(dom_uuid, "token")))
+        return any(self._lstat(n) is not None for n in (
+            self._image_name(dom_uuid), self._side_name(dom_uuid, "pending"),
+            self._side_name(dom_uuid, "saving"), self._side_name(dom_uuid, "token")))
 
-    # A save in progress leaves a marker; one found under a free lock means the
-    # saving process died, and the caller may have a paused guest to resume.
+    # -- saving marks: a save in progress leaves one; one found under a free
+    # lock means the saving process died, and the caller may have a paused
+    # guest to resume.
+
     def mark_saving(self, dom_uuid: str, info: dict[str, object]) -> None:
-        self._write_small(self._side_path(dom_uuid, "saving"), json.dumps(info))
+        self._write_small(self._side_name(dom_uuid, "saving"), json.dumps(info))
 
-    def take_saving_mark(self, dom_uuid: str) -> dict[str, object] | None:
-        path = self._side_path(dom_uuid, "saving")
+    def peek_saving_mark(self, dom_uuid: str) -> dict[str, object] | None:
+        """The saving mark, left in place; None if there is none, {} if it is unreadable."""
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            text = self._read_small(self._side_name(dom_uuid, "saving"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
-            data = {}
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        except OSError:
+            return {}
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return {}
         return data if isinstance(data, dict) else {}
 
-    # A restore token lets the libvirt hook tell fastsave's own start from others.
+    def clear_saving_mark(self, dom_uuid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._side_name(dom_uuid, "saving"), dir_fd=self.fd)
+
+    def take_saving_mark(self, dom_uuid: str) -> dict[str, object] | None:
+        data = self.peek_saving_mark(dom_uuid)
+        if data is not None:
+            self.clear_saving_mark(dom_uuid)
+        return data
+
+    # -- restore tokens: they let the libvirt hook tell fastsave's own start from others.
+
     def issue_token(self, dom_uuid: str) -> str:
         token = _uuid.uuid4().hex
-        self._write_small(self._side_path(dom_uuid, "token"), token)
+        self._write_small(self._side_name(dom_uuid, "token"), token)
         return token
 
     def revoke_token(self, dom_uuid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._side_path(dom_uuid, "token"))
+            os.unlink(self._side_name(dom_uuid, "token"), dir_fd=self.fd)
 
-    def _write_small(self, path: str, text: str) -> None:
-        tmp = path + ".new"
+    # -- small files
+
+    def _read_small(self, name: str) -> str:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", name)
+            return f.read(1 << 16).decode("utf-8", "replace")
+
+    def _write_small(self, name: str, text: str) -> None:
+        tmp = name + ".new"
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.unlink(tmp, dir_fd=self.fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.fd)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)

@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 
-__all__ = ["UNIT_NAME", "unit_text", "env_text", "install_units"]
+__all__ = ["UNIT_NAME", "unit_text", "install_units"]
 
 UNIT_NAME = "fastsave-guests.service"
 UNIT_DIR = "/etc/systemd/system"
@@ -57,10 +57,6 @@ WantedBy=multi-user.target
 def _command() -> str:
     exe = shutil.which("fastsave")
     return exe or f"{sys.executable} -m fastsave"
-
-
-def env_text() -> str:
-    return ENV_TEXT
 
 
 def install_units(unit_dir: str = UNIT_DIR, env_file: str = ENV_FILE) -> list[str]:

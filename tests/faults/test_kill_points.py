@@ -42,6 +42,8 @@ def test_saving_process_killed_at_random_points(make_system_guest, system_libvir
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         fastsave.has_managed_save_image(dom)  # the next call cleans up after the dead one
+        image_there = os.path.exists(store.image_path(dom.UUIDString()))
+        assert not (dom.isActive() and image_there), f"point {i}: running beside its image"
         if dom.isActive():
             outcomes["intact"] += 1
             want = libvirt.VIR_DOMAIN_PAUSED if paused else libvirt.VIR_DOMAIN_RUNNING

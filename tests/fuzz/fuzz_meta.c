@@ -1,11 +1,18 @@
 /* libFuzzer target: the decoders of fastsave's own frames, on raw bytes.
  *
+ * Every decoder returns 0 or -EBADMSG / -EPROTONOSUPPORT (the latter exactly
+ * for a version refusal) with a known kind and a reason.
+ *
  *   fs_decode_meta     the whole input as a metadata frame (exact-size buffer,
  *                      so any read past `len` is caught); a decoded frame must
  *                      point its strings inside the buffer, and encoding the
  *                      decoded fields and decoding that again gives the same fields
  *   fs_decode_trailer  the last 128 bytes (copied to a 128-byte buffer);
  *                      decode(encode(t)) == t for a decoded trailer
+ *   fs_decode_lv_header  the first 92 bytes; an accepted header names format
+ *                      0 or 5 and an XML region within the limit
+ *   fs_decode_index_head the first 24 bytes against the frame size and count
+ *                      in the last 16 bytes
  *   fs_decode_entry    every 24-byte slice; encode(decode(b)) == b
  *   fs_raw_frame_decode  the input as a stored (raw-block) zstd frame of the
  *                      size its header declares, when the input has that size
@@ -30,6 +37,17 @@ static int known_kind(int k)
     return k >= FS_ERR_IO && k <= FS_ERR_NOT_IMAGE;
 }
 
+/* A decoder's refusal: -EBADMSG, or -EPROTONOSUPPORT exactly for a version
+ * refusal, with a known kind and a reason. */
+static void check_refusal(const char *fn, int rc, const struct fs_why *why)
+{
+    CHECK(rc == -EBADMSG || rc == -EPROTONOSUPPORT, "%s returned %d", fn, rc);
+    CHECK(known_kind(why->kind), "%s kind %d", fn, why->kind);
+    CHECK((rc == -EPROTONOSUPPORT) == (why->kind == FS_ERR_VERSION), "%s: rc %d with kind %d", fn, rc,
+          why->kind);
+    CHECK(why->what != NULL && why->what[0], "%s failed without a reason", fn);
+}
+
 static void same_meta(const struct fs_meta *a, const struct fs_meta *b)
 {
     CHECK(a->major == b->major && a->codec == b->codec && a->level == b->level &&
@@ -48,12 +66,11 @@ static void meta(const uint8_t *data, size_t size)
     CHECK(buf != NULL, "out of memory");
     memcpy(buf, data, size);
     struct fs_meta m;
-    const char *why = NULL;
+    struct fs_why why = {0, 0, NULL};
     memset(&m, 0, sizeof m);
-    int kind = fs_decode_meta(buf, size, &m, &why);
-    if (kind) {
-        CHECK(known_kind(kind), "fs_decode_meta kind %d", kind);
-        CHECK(why != NULL && why[0], "fs_decode_meta failed without a reason");
+    int rc = fs_decode_meta(buf, size, &m, &why);
+    if (rc) {
+        check_refusal("fs_decode_meta", rc, &why);
         free(buf);
         return;
     }
@@ -72,8 +89,8 @@ static void meta(const uint8_t *data, size_t size)
     CHECK(enc != NULL, "out of memory");
     fs_encode_meta(enc, &m);
     memset(&m2, 0, sizeof m2);
-    kind = fs_decode_meta(enc, len, &m2, &why);
-    CHECK(kind == 0, "re-encoded metadata does not decode: %s", why);
+    rc = fs_decode_meta(enc, len, &m2, &why);
+    CHECK(rc == 0, "re-encoded metadata does not decode: %s", why.what);
     same_meta(&m, &m2);
     free(enc);
     free(buf);
@@ -87,21 +104,61 @@ static void trailer(const uint8_t *data, size_t size)
     CHECK(buf != NULL, "out of memory");
     memcpy(buf, data + size - FS_TRAILER_SIZE, FS_TRAILER_SIZE);
     struct fs_trailer t, t2;
-    int kind = 0;
-    const char *why = NULL;
+    struct fs_why why = {0, 0, NULL};
     memset(&t, 0, sizeof t);
-    if (fs_decode_trailer(buf, &t, &kind, &why) < 0) {
-        CHECK(known_kind(kind), "fs_decode_trailer kind %d", kind);
-        CHECK(why != NULL && why[0], "fs_decode_trailer failed without a reason");
+    int rc = fs_decode_trailer(buf, &t, &why);
+    if (rc < 0) {
+        check_refusal("fs_decode_trailer", rc, &why);
     } else {
-        CHECK(kind == 0, "fs_decode_trailer succeeded and set kind %d", kind);
+        CHECK(rc == 0, "fs_decode_trailer returned %d", rc);
         CHECK(t.major == FS_FORMAT_MAJOR, "major %u", t.major);
         fs_encode_trailer(buf, &t);
         memset(&t2, 0, sizeof t2);
-        CHECK(fs_decode_trailer(buf, &t2, &kind, &why) == 0, "re-encoded trailer does not decode: %s", why);
+        CHECK(fs_decode_trailer(buf, &t2, &why) == 0, "re-encoded trailer does not decode: %s", why.what);
         t.minor = FS_FORMAT_MINOR;  /* the encoder writes its own version */
         CHECK(memcmp(&t, &t2, sizeof t) == 0, "trailer changed across encode/decode");
     }
+    free(buf);
+}
+
+/* The libvirt header: the input's first 92 bytes, copied to an exact buffer. */
+static void lv_header(const uint8_t *data, size_t size)
+{
+    if (size < FS_LV_HEADER_SIZE)
+        return;
+    uint8_t *buf = malloc(FS_LV_HEADER_SIZE);
+    CHECK(buf != NULL, "out of memory");
+    memcpy(buf, data, FS_LV_HEADER_SIZE);
+    struct fs_lv_header h;
+    struct fs_why why = {0, 0, NULL};
+    int rc = fs_decode_lv_header(buf, &h, &why);
+    if (rc < 0) {
+        check_refusal("fs_decode_lv_header", rc, &why);
+    } else {
+        CHECK(rc == 0, "fs_decode_lv_header returned %d", rc);
+        CHECK(h.format == FS_LV_FORMAT_RAW || h.format == FS_LV_FORMAT_ZSTD, "format %u", h.format);
+        CHECK(FS_LV_HEADER_SIZE + (uint64_t)h.data_len <= fs_payload_offset(FS_XML_MAX),
+              "data_len %u beyond the XML limit", h.data_len);
+    }
+    free(buf);
+}
+
+/* The index frame's head against the size and count the input's tail names. */
+static void index_head(const uint8_t *data, size_t size)
+{
+    if (size < FS_INDEX_HEAD_SIZE + 16)
+        return;
+    uint8_t *buf = malloc(FS_INDEX_HEAD_SIZE);
+    CHECK(buf != NULL, "out of memory");
+    memcpy(buf, data, FS_INDEX_HEAD_SIZE);
+    uint64_t frame_len = fs_get64(data + size - 16), count = fs_get64(data + size - 8);
+    struct fs_why why = {0, 0, NULL};
+    int rc = fs_decode_index_head(buf, frame_len, count, &why);
+    if (rc < 0)
+        check_refusal("fs_decode_index_head", rc, &why);
+    else
+        CHECK(fs_get64(buf + 16) == count && fs_get32(buf + 4) == frame_len - 8, "accepted a head "
+              "that does not match");
     free(buf);
 }
 
@@ -152,6 +209,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     meta(data, size);
     trailer(data, size);
+    lv_header(data, size);
+    index_head(data, size);
     entries(data, size);
     raw_frame(data, size);
     return 0;

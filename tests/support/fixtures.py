@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid as _uuid
@@ -75,8 +76,25 @@ def embed_conn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     conn.close()
 
 
+def _daemon_pids(name: str) -> list[int]:
+    """Processes called `name` that see the same root directory as this one:
+    in a chroot (.ci/other-release), a daemon of the machine outside (or of
+    another root) is not ours to use or stop."""
+    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
+    here = os.stat("/")
+    pids = []
+    for pid in map(int, out.split()):
+        try:
+            st = os.stat(f"/proc/{pid}/root")
+        except OSError:  # gone, or not ours to look at
+            continue
+        if (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino):
+            pids.append(pid)
+    return pids
+
+
 def _daemon_running(name: str) -> bool:
-    return subprocess.run(["pgrep", "-x", name], capture_output=True).returncode == 0
+    return bool(_daemon_pids(name))
 
 
 def _wait_for(pred: Callable[[], bool], what: str, timeout: float = 30) -> None:
@@ -106,7 +124,11 @@ def start_libvirtd() -> None:
 
 
 def stop_libvirtd() -> None:
-    subprocess.run(["pkill", "-TERM", "-x", "libvirtd"], check=False)
+    for pid in _daemon_pids("libvirtd"):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     _wait_for(lambda: not _daemon_running("libvirtd"), "libvirtd did not stop")
 
 

@@ -1,0 +1,121 @@
+"""The restore flow: check the image, start QEMU from the domain's definition
+waiting for an incoming stream, feed it the verified stream, remove the
+image, resume. Runs under the domain's store lock.
+
+Order, and what holds if the process dies at each step (the operation mark
+says "restore"; recovery.py reads it):
+  check image, bind, ABI            nothing started
+  mark, createXML -incoming defer   dies: QEMU waits for a stream -> recovery destroys it,
+  feed the stream                         the image is kept
+  QEMU "completed"                  dies: the state lives in QEMU -> recovery removes the
+  remove the image, resume                image and resumes as asked
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+import libvirt
+
+from . import engine, restore_xml, watch
+from .saving import FD_NAME, STOP_TIMEOUT, cause_of, destroy
+from .store import ImageStore, StoreError
+from .virt import fail, qmp
+from .worker import EngineProcess
+
+__all__ = ["restore"]
+
+
+def restore(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts: object,
+            info: engine.ImageInfo, image_fd: int) -> None:
+    """Restores the domain from the image open at `image_fd` (already checked
+    by the caller: the store's file checks, `info` from engine.inspect and
+    the binding). Takes ownership of image_fd. On failure the domain is shut
+    off and the image kept; the error names the cause."""
+    name = dom.name()
+    path = store.image_path(uuid)
+    keep = (f"the image {path} is kept; start with VIR_DOMAIN_START_FORCE_BOOT "
+            f"(fastsave start --force-boot {name}) to boot fresh")
+    try:
+        try:
+            xml = restore_xml.for_restore(info, dom, store.issue_token(uuid), store.scratch_path(uuid))
+        except (restore_xml.RefusedImage, StoreError, OSError, libvirt.libvirtError) as e:
+            store.revoke_token(uuid)
+            raise fail(libvirt.VIR_ERR_OPERATION_FAILED,
+                       f"cannot restore domain {name}: {e}; {keep}") from e
+        resume = info.was_running and not flags & libvirt.VIR_DOMAIN_START_PAUSED
+        store.mark_saving(uuid, {"op": "restore", "resume": resume, "pid": os.getpid()})
+        _run(dom, store, uuid, flags, opts, xml, image_fd, path, keep, resume)
+    except BaseException:
+        os.close(image_fd)
+        raise
+    # The image's name is gone and the guest runs: the last close frees the
+    # file's blocks (~0.1 s per GB on ext4), which need not hold up the caller.
+    threading.Thread(target=os.close, args=(image_fd,), name="fastsave-free-image",
+                     daemon=True).start()
+
+
+def _run(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts: object, xml: str,
+         image_fd: int, path: str, keep: str, resume: bool) -> None:
+    name = dom.name()
+    uri = dom.connect().getURI()
+    direct = opts.direct is True or bool(flags & libvirt.VIR_DOMAIN_START_BYPASS_CACHE)  # type: ignore[attr-defined]
+    deadline = None if opts.timeout is None else time.monotonic() + opts.timeout  # type: ignore[attr-defined]
+    worker: EngineProcess | None = None
+    live: libvirt.virDomain | None = None
+    r = -1
+    try:
+        # The engine starts (and checks the image) while QEMU starts; it
+        # blocks on the full pipe until QEMU reads.
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            worker = EngineProcess.restore(image_fd, w, opts.progress,  # type: ignore[attr-defined]
+                                           threads=opts.threads, direct=direct)  # type: ignore[attr-defined]
+        finally:
+            os.close(w)
+        watch.check_abort()
+        live = dom.connect().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+        try:
+            qmp(live, "getfd", {"fdname": FD_NAME}, fds=[r])
+        finally:
+            os.close(r)
+            r = -1
+        qmp(live, "migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+        watch.wait_migration(live, worker, "incoming migration",
+                             stall_timeout=opts.stall_timeout, deadline=deadline)  # type: ignore[attr-defined]
+        worker.result(timeout=watch.WORKER_GRACE)
+    except BaseException as e:
+        if r >= 0:
+            os.close(r)
+        # QEMU did not start: its error is the cause, not the engine's broken pipe
+        cause = (str(e) or type(e).__name__) if live is None else cause_of(e, worker)
+        if worker is not None:
+            worker.kill()
+        left = ""
+        if live is not None:
+            err = destroy(live, uri, uuid, STOP_TIMEOUT)
+            if err is not None:  # recovery destroys the waiting QEMU on the next call
+                left = (f"; the half-started domain could not be stopped ({err}): the next "
+                        f"fastsave call on it stops it")
+        if not left:
+            with contextlib.suppress(OSError):
+                store.clear_saving_mark(uuid)
+        store.revoke_token(uuid)
+        raise fail(libvirt.VIR_ERR_OPERATION_FAILED,
+                   f"restore of domain {name} from {path} failed: {cause}; {keep}{left}") from e
+    store.revoke_token(uuid)
+    complete(live, store, uuid, resume)
+
+
+def complete(live: libvirt.virDomain, store: ImageStore, uuid: str, resume: bool) -> None:
+    """The state lives in QEMU now: the image is stale from here on. Removed
+    (durably) before the guest may run."""
+    store.remove_image(uuid)
+    restore_xml.unbind_definition(live)
+    if resume and live.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+        live.resume()
+    store.clear_saving_mark(uuid)
+
