@@ -309,3 +309,16 @@ def test_raising_progress_callback_does_not_hang_the_save(make_guest):
     threading.Thread(target=run, daemon=True).start()
     assert done.wait(120), "the save hung after its progress callback raised"
     assert box == [0] and not dom.isActive() and image(dom).exists()
+
+
+def test_overall_timeout_rolls_back(make_guest, tmp_path):
+    fill = tmp_path / "fill.bin"
+    fill.write_bytes(os.urandom(96 << 20))
+    dom = make_guest(128, fill=str(fill))
+    boot = guest.read_state(dom).boot_id
+    with pytest.raises(libvirt.libvirtError, match="time limit") as ei:
+        fastsave.managed_save(dom, mode="zstd", level=19, timeout=0.5)
+    assert "running again" in str(ei.value)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert guest.read_state(dom).boot_id == boot
+    assert fastsave.has_managed_save_image(dom) == 0 and not mark(dom).exists()

@@ -15,7 +15,7 @@ import libvirt
 import pytest
 
 import fastsave
-from fastsave import engine
+from fastsave import engine, worker
 from fastsave.errors import ImageError
 from support import guest
 from support.engine_io import restore_collect
@@ -62,17 +62,20 @@ def assert_intact_or_saved(dom, ram: str) -> str:
 
 def leftovers(dom) -> list[str]:
     d = Path(fastsave.image_store(dom.connect()).directory)  # opening cleans dead temp files
-    return sorted(p.name for p in d.iterdir() if not p.name.endswith((".lock", ".fsimg")))
+    return sorted(p.name for p in d.iterdir()
+                  if not p.name.endswith((".lock", ".fsimg")) and p.name != ".fastsave-store")
 
 
 @pytest.mark.parametrize("after_mib", [0, 1, 48])
 def test_write_errors(make_guest, fill, eio_shim, after_mib, monkeypatch):
     dom, ram = paused_guest(make_guest, fill)
-    monkeypatch.setenv("LD_PRELOAD", eio_shim)  # the engine child inherits it
-    monkeypatch.setenv("FASTSAVE_EIO_AFTER", str(after_mib << 20))
+    # The engine child gets a fixed, minimal environment (never the caller's):
+    # the shim goes into that one, for this test only.
+    monkeypatch.setattr(worker, "CHILD_ENV", dict(
+        worker.CHILD_ENV, LD_PRELOAD=eio_shim, FASTSAVE_EIO_AFTER=str(after_mib << 20)))
     with pytest.raises(libvirt.libvirtError, match="Input/output error"):
         fastsave.managed_save(dom)
-    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.undo()
     assert assert_intact_or_saved(dom, ram) == "intact"
     assert leftovers(dom) == []
 
