@@ -1,6 +1,7 @@
 """The scoreboard: libvirt's managed save next to fastsave's, on real QEMU guests.
 
-usage: .venv/bin/python benchmarks/compare.py [--quick]
+usage: .venv/bin/python benchmarks/compare.py [--quick] [--rounds N] [--guests KEYS]
+                                              [--out-name STEM] [--[no-]readme]
 
 Every contender saves and restores the same test guest (tests/guest, its RAM
 filled with deterministic guest-like data), in rounds that alternate the
@@ -10,15 +11,26 @@ contenders (A B C ... A B C ...). Contenders:
   and libvirt with `save_image_format = "lzop"` / `"gzip"` (each in a private
   embedded root of its own, with its own domain defined from the same XML);
   restore is libvirt's start of the domain;
+- on libvirt >= 10.4, libvirt with `save_image_format = "zstd"` (its own root
+  too); on libvirt >= 11.2, libvirt's parallel save with 2 and 4 channels, with
+  and without VIR_DOMAIN_SAVE_BYPASS_CACHE: `dom.saveParams()` to a plain file
+  (image_format "sparse", parallel.channels; there is no managed parallel save)
+  and `conn.restoreParams()` with the same channels and flags. Contenders the
+  installed libvirt (`libvirt.getVersion()`) does not offer are left out of the
+  run with the reason printed and recorded;
 - fastsave `managed_save(dom, mode=M, direct=D)` for M in raw, zstd, auto and
   D in True, False; restore is `fastsave.start(dom)`;
 - two limits: QEMU migrating into a pipe drained to /dev/null (producer) and
   QEMU taking an incoming migration from a stream held in memory (consumer).
 
+A save is timed until its image is durable: fastsave syncs before returning;
+after each libvirt call an fdatasync of the image is timed as well, and the
+time the call itself returned is kept next to it (`save_returned_s`).
 After each restore the guest's boot id must be the one it had before the save.
-Outputs: benchmarks/results/compare.{md,json,png} (a --quick run writes
-compare-quick.* instead), and the "Benchmark results" section of README.md
-(full runs only).
+Outputs: benchmarks/results/STEM.{md,json,png}, STEM being compare (a --quick
+run: compare-quick) or --out-name, and a block of the "Benchmark results"
+section of README.md, one block per STEM (full runs and --out-name runs, or
+as --readme / --no-readme say).
 
 One embedded libvirt root serves one process, so each root is driven by an
 agent process (this file with --agent) that the main process talks to with JSON
@@ -72,10 +84,19 @@ WORK = Path(os.environ.get("FASTSAVE_COMPARE_DIR", "/var/tmp/fastsave-compare"))
 RESULTS = HERE / "results"
 README = REPO / "README.md"
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
-HELPERS = ("fastsave.worker", "libvirt_iohelper", "lzop", "gzip")
+HELPERS = ("fastsave.worker", "libvirt_iohelper", "lzop", "gzip", "zstd")
 
 VIR_DOMAIN_SAVE_BYPASS_CACHE = libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
 VIR_DOMAIN_START_BYPASS_CACHE = libvirt.VIR_DOMAIN_START_BYPASS_CACHE
+# virDomainSaveParams / virDomainRestoreParams keys (spelled out for bindings
+# older than the libvirt that knows them)
+SAVE_PARAM_FILE = getattr(libvirt, "VIR_DOMAIN_SAVE_PARAM_FILE", "file")
+SAVE_PARAM_IMAGE_FORMAT = getattr(libvirt, "VIR_DOMAIN_SAVE_PARAM_IMAGE_FORMAT", "image_format")
+SAVE_PARAM_PARALLEL_CHANNELS = getattr(libvirt, "VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS",
+                                       "parallel.channels")
+# libvirt versions (libvirt.getVersion() numbers) that offer a contender
+LIBVIRT_ZSTD = 10_004_000       # save_image_format = "zstd"
+LIBVIRT_PARALLEL = 11_002_000   # virDomainSaveParams with image_format "sparse" + parallel.channels
 
 
 # --------------------------------------------------------------------------- guests
@@ -113,8 +134,10 @@ class Contender:
     key: str
     label: str
     agent: str          # which embedded root: main, lzop, gzip
-    kind: str           # libvirt, fastsave, producer, consumer
+    kind: str           # libvirt, libvirt-params, fastsave, producer, consumer
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    min_libvirt: int = 0  # libvirt.getVersion() it needs; left out of the run below that
+    needs: str = ""       # what it needs, for the line that says why it was left out
 
 
 CONTENDERS = [
@@ -142,6 +165,23 @@ CONTENDERS = [
               {"flags": 0, "start_flags": 0}),
     Contender("libvirt-gzip", "libvirt save_image_format=gzip", "gzip", "libvirt",
               {"flags": 0, "start_flags": 0}),
+    # libvirt >= 11.2: parallel save, only as a plain save to a file in the
+    # "sparse" (mapped-ram) format; restored with virDomainRestoreParams
+    Contender("libvirt-par2", "libvirt parallel 2 ch (sparse file)", "main", "libvirt-params",
+              {"channels": 2, "flags": 0}, LIBVIRT_PARALLEL,
+              "libvirt >= 11.2 (virDomainSaveParams with parallel.channels)"),
+    Contender("libvirt-par4", "libvirt parallel 4 ch (sparse file)", "main", "libvirt-params",
+              {"channels": 4, "flags": 0}, LIBVIRT_PARALLEL,
+              "libvirt >= 11.2 (virDomainSaveParams with parallel.channels)"),
+    Contender("libvirt-par2-bypass", "libvirt parallel 2 ch + BYPASS_CACHE", "main", "libvirt-params",
+              {"channels": 2, "flags": VIR_DOMAIN_SAVE_BYPASS_CACHE}, LIBVIRT_PARALLEL,
+              "libvirt >= 11.2 (virDomainSaveParams with parallel.channels)"),
+    Contender("libvirt-par4-bypass", "libvirt parallel 4 ch + BYPASS_CACHE", "main", "libvirt-params",
+              {"channels": 4, "flags": VIR_DOMAIN_SAVE_BYPASS_CACHE}, LIBVIRT_PARALLEL,
+              "libvirt >= 11.2 (virDomainSaveParams with parallel.channels)"),
+    # libvirt >= 10.4: zstd as a managed save image format
+    Contender("libvirt-zstd", "libvirt save_image_format=zstd", "zstd", "libvirt",
+              {"flags": 0, "start_flags": 0}, LIBVIRT_ZSTD, 'libvirt >= 10.4 (save_image_format = "zstd")'),
 ]
 BY_KEY = {c.key: c for c in CONTENDERS}
 # gzip on the 4 GiB guest alone would take ~5 min of the ~25 min budget
@@ -149,7 +189,19 @@ SKIP = {"mixed-4096": ("libvirt-gzip",)}
 DEFAULT = "fastsave-default"
 BASE = "libvirt-bypass"
 RAW = "libvirt-raw"
-SAVERS = [c.key for c in CONTENDERS if c.kind in ("libvirt", "fastsave")]
+SAVER_KINDS = ("libvirt", "libvirt-params", "fastsave")
+SAVERS = [c.key for c in CONTENDERS if c.kind in SAVER_KINDS]
+
+
+def available(libvirt_version: int) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders this libvirt can run, and why each other one is left out."""
+    def ver(v: int) -> str:
+        return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
+
+    run = [c for c in CONTENDERS if libvirt_version >= c.min_libvirt]
+    left = {c.key: f"needs {c.needs}; this is libvirt {ver(libvirt_version)}"
+            for c in CONTENDERS if libvirt_version < c.min_libvirt}
+    return run, left
 
 
 def fill_parts(g: Guest) -> list[tuple[Path, int]]:
@@ -286,7 +338,7 @@ def _helper_tag(cmd: str) -> str | None:
     argv0 = os.path.basename(cmd.split(" ", 1)[0])
     if "fastsave.worker" in cmd:
         return "fastsave.worker"
-    for tag in ("libvirt_iohelper", "lzop", "gzip"):
+    for tag in ("libvirt_iohelper", "lzop", "gzip", "zstd"):
         if argv0 == tag:
             return tag
     return None
@@ -440,8 +492,13 @@ class Agent:
     def _instrument(self, fm: Any, libvirt: Any) -> None:
         """Timestamps for the breakdown: fastsave's QMP calls, its engine child,
         and the libvirt calls it makes. Behaviour is unchanged."""
+        import importlib
+
+        import fastsave.virt
+        import fastsave.worker
+
         trace = self.trace
-        orig_qmp = fm.qmp
+        orig_qmp = fastsave.virt.qmp
 
         def qmp(dom: Any, command: str, arguments: Any = None, fds: Any = None) -> Any:
             r = orig_qmp(dom, command, arguments, fds)
@@ -449,16 +506,26 @@ class Agent:
             trace.append((time.perf_counter(), command, detail))
             return r
 
-        fm.qmp = qmp
-
-        class TracedEngine(fm.EngineProcess):  # type: ignore[name-defined,misc]
+        class TracedEngine(fastsave.worker.EngineProcess):  # type: ignore[misc]
             last: Any = None
 
             def __init__(self, *a: Any, **kw: Any) -> None:
                 super().__init__(*a, **kw)
                 TracedEngine.last = self
 
-        fm.EngineProcess = TracedEngine
+        # the managed layer's modules (one module in older trees) hold their own
+        # references to qmp and EngineProcess
+        mods = [fm]
+        for n in ("saving", "restoring", "watch", "recovery"):
+            try:
+                mods.append(importlib.import_module(f"fastsave.{n}"))
+            except ImportError:
+                pass
+        for mod in mods:
+            if hasattr(mod, "qmp"):
+                mod.qmp = qmp
+            if hasattr(mod, "EngineProcess"):
+                mod.EngineProcess = TracedEngine
         self.engine_cls = TracedEngine
 
         def wrap(cls: Any, name: str) -> None:
@@ -489,6 +556,10 @@ class Agent:
 
     def libvirt_image(self, name: str) -> Path:
         return self.root / "lib" / "qemu" / "save" / f"{name}.save"
+
+    def params_image(self, name: str) -> Path:
+        """Where the virDomainSaveParams contenders save (a plain save file)."""
+        return self.root / "params-save" / f"{name}.save"
 
     def fastsave_image(self, dom: Any) -> Path:
         return Path(self.fastsave.image_store(self.conn).image_path(dom.UUIDString()))
@@ -556,6 +627,7 @@ class Agent:
             if dom.isActive():
                 dom.destroy()
             self._remove_images(dom)
+        self.params_image(name).unlink(missing_ok=True)
         return {}
 
     def op_ensure_running(self, name: str) -> dict[str, Any]:
@@ -600,23 +672,48 @@ class Agent:
         watch.start()
         cpu0 = _cpu_busy()
         t0 = time.perf_counter()
+        path = (self.libvirt_image(name) if kind == "libvirt" else
+                self.params_image(name) if kind == "libvirt-params" else None)
         try:
             if kind == "libvirt":
                 dom.managedSave(params["flags"])
+            elif kind == "libvirt-params":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.unlink(missing_ok=True)
+                dom.saveParams({SAVE_PARAM_FILE: str(path), SAVE_PARAM_IMAGE_FORMAT: "sparse",
+                                SAVE_PARAM_PARALLEL_CHANNELS: params["channels"]}, params["flags"])
             else:
                 self.fastsave.managed_save(dom, **params)
         finally:
             t1 = time.perf_counter()
             watch.stop()
-        res["save_s"] = t1 - t0
+        t2 = t1
+        if path is not None:
+            # libvirt's call may return before the image is on disk (its
+            # iohelper fdatasyncs; a sparse save is written by QEMU itself):
+            # the save counts until an fdatasync of the image has returned.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            t2 = time.perf_counter()
+        res["save_s"] = t2 - t0
+        res["save_returned_s"] = t1 - t0
+        res["save_sync_s"] = t2 - t1
         res["busy_save"] = _busy_share(cpu0, _cpu_busy())
         res["inproc_hwm_growth_kib"] = max(0, (_status_kib("self", "VmHWM") or 0) - rss0)
         res["save_watch"] = watch.summary(t0)
         res["save_events"] = self._events(t0)
         if kind == "fastsave" and self.engine_cls.last is not None:
             res["save_stats"] = dataclasses.asdict(self.engine_cls.last.result(timeout=10))
-        path = self.libvirt_image(name) if kind == "libvirt" else self.fastsave_image(dom)
-        res["image_bytes"] = path.stat().st_size
+        if path is None:
+            path = self.fastsave_image(dom)
+        st = path.stat()
+        res["image_bytes"] = st.st_size
+        res["image_alloc_bytes"] = st.st_blocks * 512
+        if kind == "libvirt-params":  # sparse: what it takes on disk, not its length
+            res["image_bytes"], res["image_apparent_bytes"] = st.st_blocks * 512, st.st_size
         os.sync()
         res["image_cached_bytes"] = _uncache(path)
 
@@ -631,6 +728,10 @@ class Agent:
         try:
             if kind == "libvirt":
                 dom.createWithFlags(params["start_flags"])
+            elif kind == "libvirt-params":
+                self.conn.restoreParams({SAVE_PARAM_FILE: str(path),
+                                         SAVE_PARAM_PARALLEL_CHANNELS: params["channels"]},
+                                        params["flags"])
             else:
                 self.fastsave.start(dom, **{k: v for k, v in params.items() if k != "mode"})
         finally:
@@ -647,6 +748,8 @@ class Agent:
         res["counter_before"], res["counter_after"] = before.counter, after.counter
         res["state_ok"] = after.boot_id == before.boot_id and dom.isActive()
         res["image_gone"] = not path.exists()
+        if kind == "libvirt-params":  # a plain save file stays; libvirt's managed one is removed
+            path.unlink(missing_ok=True)
         return res
 
     def _migrate_out(self, dom: Any, fd: int) -> tuple[float, dict[str, Any]]:
@@ -898,10 +1001,25 @@ class AgentProc:
             self.proc.wait()
 
 
+def os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
 class Runner:
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, rounds: int | None = None,
+                 guests: list[str] | None = None) -> None:
         self.quick = quick
+        self.rounds_override = rounds
+        self.guest_keys = guests or (QUICK_GUESTS if quick else FULL_GUESTS)
+        self.contenders, self.skipped = available(libvirt.getVersion())
         self.t_start = time.monotonic()
+        self.load_start = os.getloadavg()
         self.agents: dict[str, AgentProc] = {}
         self.running: set[tuple[str, str]] = set()
         self.rounds: list[dict[str, Any]] = []
@@ -909,6 +1027,11 @@ class Runner:
         self.defined: set[tuple[str, str]] = set()
         self.kernel = ""
         self.info: dict[str, Any] = {}
+
+    def rounds_for(self, g: Guest) -> int:
+        if self.rounds_override:
+            return self.rounds_override
+        return 1 if self.quick else g.rounds_full
 
     def say(self, msg: str) -> None:
         el = time.monotonic() - self.t_start
@@ -960,7 +1083,7 @@ class Runner:
         rec: dict[str, Any] = {"guest": g.key, "round": rnd, "contender": c.key,
                                "started": time.time()}
         try:
-            if c.kind in ("libvirt", "fastsave"):
+            if c.kind in SAVER_KINDS:
                 self.park_others((c.agent, g.name))
                 res = a.call("contender", name=g.name, kind=c.kind, params=c.params)
                 self.running.add((c.agent, g.name))
@@ -1023,8 +1146,7 @@ class Runner:
     def run(self) -> dict[str, Any]:
         from support import guest
 
-        keys = QUICK_GUESTS if self.quick else FULL_GUESTS
-        guests = [GUESTS[k] for k in keys]
+        guests = [GUESTS[k] for k in self.guest_keys]
         WORK.mkdir(parents=True, exist_ok=True)
         self.say(f"work directory {WORK}; building the test guest and its fill files")
         self.kernel = guest.build_kernel(WORK / "guest")
@@ -1036,13 +1158,17 @@ class Runner:
         self.say(f"this machine's init reaps an orphan after {self.reap_delay:.2f} s; "
                  "the agents reap their QEMUs at once")
         self.info = self.agent("main").call("info")
+        self.say(f"libvirt {self.info['libvirt']}, QEMU {self.info['qemu']}: "
+                 f"{len(self.contenders)} contenders")
+        for key, why in self.skipped.items():
+            self.say(f"   left out: {BY_KEY[key].label} ({key}): {why}")
         try:
             for g in guests:
-                n = 1 if self.quick else g.rounds_full
-                self.say(f"== guest {g.key}: {g.label}; {n} round(s) of {len(CONTENDERS)} contenders")
+                n = self.rounds_for(g)
+                self.say(f"== guest {g.key}: {g.label}; {n} round(s) of {len(self.contenders)} contenders")
                 self.prime(g)
                 for rnd in range(1, n + 1):
-                    for c in CONTENDERS:
+                    for c in self.contenders:
                         if self.quick is False and c.key in SKIP.get(g.key, ()):
                             continue
                         for attempt in (1, 2):  # a failed round is kept, and tried once more
@@ -1073,17 +1199,20 @@ class Runner:
         return {
             "meta": {
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "quick": self.quick, "host": platform.node(), "kernel": platform.release(),
+                "quick": self.quick, "args": sys.argv[1:], "host": platform.node(), "os": os_name(),
+                "kernel": platform.release(),
                 "cpus": os.cpu_count(), "mem_gib": round(os.sysconf("SC_PAGE_SIZE")
                                                           * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
                 "work_dir": str(WORK), "fs": fs_type(WORK), **self.info,
                 "init_reap_delay_s": round(self.reap_delay, 3), "disk": self.disk,
                 "duration_s": round(time.monotonic() - self.t_start, 1),
+                "load_avg_start": self.load_start, "load_avg_end": os.getloadavg(),
             },
             "guests": {g.key: {"mem_mib": g.mem_mib, "fill_mib": g.fill_mib, "label": g.label,
-                               "rounds": 1 if self.quick else g.rounds_full} for g in guests},
+                               "rounds": self.rounds_for(g)} for g in guests},
             "contenders": {c.key: {"label": c.label, "root": c.agent, "kind": c.kind,
-                                   "params": c.params} for c in CONTENDERS},
+                                   "params": c.params} for c in self.contenders},
+            "skipped": self.skipped,
             "rounds": self.rounds,
         }
 
@@ -1160,7 +1289,7 @@ def phases(rec: dict[str, Any]) -> dict[str, float | None]:
     elif c.kind == "consumer":
         out.update(r_qemu_start=rec["qemu_start_s"], r_stream=rec["stream_s"],
                    r_after=rec["resume_s"])
-    elif c.kind in ("libvirt", "fastsave"):
+    elif c.kind in SAVER_KINDS:
         sw = rec.get("save_watch") or {}
         gone = [h["gone"] for h in sw.get("helpers", []) if h["gone"] is not None]
         durable = max(gone) if gone else None
@@ -1172,7 +1301,9 @@ def phases(rec: dict[str, Any]) -> dict[str, float | None]:
             out.update(prepare=mig, stream=(done - mig) if mig is not None and done is not None else None,
                        destroy=(d1 - d0) if d0 is not None and d1 is not None else None)
         out["durable"] = durable
-        out["teardown"] = rec["save_s"] - durable if durable is not None else None
+        out["teardown"] = (rec.get("save_returned_s", rec["save_s"]) - durable
+                           if durable is not None else None)
+        out["sync"] = rec.get("save_sync_s")
         rw = rec.get("restore_watch") or {}
         rgone = [h["gone"] for h in rw.get("helpers", []) if h["gone"] is not None]
         if c.kind == "fastsave":
@@ -1210,7 +1341,8 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                                  "errors": [r.get("error") for r in recs if not r.get("ok")]}
             for k in ("busy_save", "busy_restore"):
                 s[k] = med([r.get(k) for r in good])
-            for k in ("save_s", "restore_s", "image_bytes", "stream_bytes"):
+            for k in ("save_s", "restore_s", "image_bytes", "stream_bytes", "save_returned_s",
+                      "save_sync_s", "image_apparent_bytes"):
                 s[k] = med([r.get(k) for r in good])
                 vals = [r[k] for r in good if r.get(k) is not None]
                 if vals:
@@ -1336,10 +1468,10 @@ def _range(s: dict[str, Any], key: str) -> str:
 
 def contender_table(summ_g: dict[str, Any]) -> list[str]:
     base, raw = summ_g.get(BASE, {}), summ_g.get(RAW, {})
-    out = ["| contender | save s | x bypass | restore s | x bypass | image MB | x raw "
+    out = ["| contender | save s | x bypass | call returned at s | restore s | x bypass | image MB | x raw "
            "| saving helper peak RSS MiB | in-process VmHWM growth MiB | machine CPU busy % save/restore "
            "| ok/attempts |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in CONTENDERS:
         s = summ_g.get(c.key)
         if s is None:
@@ -1348,12 +1480,15 @@ def contender_table(summ_g: dict[str, Any]) -> list[str]:
         size_txt = f2(size / 1e6 if size else None, ".0f")
         if c.kind in ("producer", "consumer") and size:
             size_txt = f"({size_txt} stream)"
+        if s.get("image_apparent_bytes"):
+            size_txt += f" (sparse; {s['image_apparent_bytes'] / 1e6:.0f} long)"
         rss = s.get("helper_rss_kib")
         rss_txt = f"{rss / 1024:.1f} ({s['helper_tags']})" if rss else "-"
         inproc = s.get("inproc_hwm_growth_kib")
         spread, rspread = _range(s, "save_s"), _range(s, "restore_s")
         out.append(
             f"| {c.label} | {f2(s.get('save_s'))}{spread} | {f2(ratio(s.get('save_s'), base.get('save_s')))} "
+            f"| {f2(s.get('save_returned_s') if c.kind.startswith('libvirt') else None)} "
             f"| {f2(s.get('restore_s'))}{rspread} | {f2(ratio(s.get('restore_s'), base.get('restore_s')))} "
             f"| {size_txt} | {f2(ratio(s.get('image_bytes'), raw.get('image_bytes')), '.3f')} "
             f"| {rss_txt} | {f2(inproc / 1024 if inproc is not None else None, '.1f')} "
@@ -1365,9 +1500,9 @@ def contender_table(summ_g: dict[str, Any]) -> list[str]:
 
 def phase_table(summ_g: dict[str, Any]) -> list[str]:
     out = ["| contender | save s | prepare | QEMU stream | data durable at | after durable "
-           "| of which destroy | QEMU exit | restore s | QEMU start | stream in | helper done at "
-           "| after stream |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| of which destroy | QEMU exit | fdatasync after return | restore s | QEMU start | stream in "
+           "| helper done at | after stream |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in CONTENDERS:
         s = summ_g.get(c.key)
         if s is None:
@@ -1376,7 +1511,8 @@ def phase_table(summ_g: dict[str, Any]) -> list[str]:
         out.append(
             f"| {c.label} | {f2(s.get('save_s'))} | {f2(p.get('prepare'))} | {f2(p.get('stream'))} "
             f"| {f2(p.get('durable'))} | {f2(p.get('teardown'))} | {f2(p.get('destroy'))} "
-            f"| {f2(p.get('qemu_exit'))} | {f2(s.get('restore_s'))} | {f2(p.get('r_qemu_start'))} "
+            f"| {f2(p.get('qemu_exit'))} | {f2(p.get('sync'))} | {f2(s.get('restore_s'))} "
+            f"| {f2(p.get('r_qemu_start'))} "
             f"| {f2(p.get('r_stream'))} | {f2(p.get('r_read'))} | {f2(p.get('r_after'))} |")
     return out
 
@@ -1453,8 +1589,11 @@ def render(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any],
         "",
         f"{m['date']}, {m['cpus']} CPUs, {m['mem_gib']} GiB RAM, kernel {m['kernel']}, libvirt "
         f"{m.get('libvirt')} (embedded driver), QEMU {m.get('qemu')}, images on {m['fs']} "
-        f"({m['work_dir']}); run took {m['duration_s'] / 60:.1f} min. "
-        "Regenerate: `.venv/bin/python benchmarks/compare.py`.",
+        f"({m['work_dir']}); run took {m['duration_s'] / 60:.1f} min"
+        + (f" (1-min load average {m['load_avg_start'][0]:.1f} at the start, "
+           f"{m['load_avg_end'][0]:.1f} at the end)" if m.get("load_avg_end") else "")
+        + (f", {m['os']}" if m.get("os") else "") + ". "
+        "Regenerate: `.venv/bin/python benchmarks/compare.py" + "".join(" " + a for a in m.get("args", [])) + "`.",
         "",
         "Each contender saves the running test guest (TCG, RAM partly filled with deterministic "
         "guest-like data: code, text, zeros, noise) and starts it again. The fill is loaded into "
@@ -1463,10 +1602,18 @@ def render(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any],
         "the XML without the loader, so the timed guests have no loader device and no start "
         "re-reads the fill (a real guest has no such device). Contenders alternate "
         "within every round. Times are medians (range in brackets when there are several rounds); "
-        "save = the managed-save call until it returns (the guest is paused, its state durable on "
-        "disk, its QEMU gone); restore = `dom.create()` (libvirt; `VIR_DOMAIN_START_BYPASS_CACHE` "
-        "for the BYPASS_CACHE contender) or `fastsave.start(dom)` until it returns with the guest "
-        "running. fastsave's default (no `direct` option) writes with O_DIRECT and reads "
+        "save = the save call until it returns (the guest is paused, its QEMU gone) and its image "
+        "is durable: fastsave syncs before it returns; after libvirt's calls an `fdatasync` of the "
+        "image is timed too (\"call returned at\" is when libvirt's call itself returned; its "
+        "`libvirt_iohelper` syncs the images it writes, so there the fdatasync finds nothing left; "
+        "a sparse save is written by QEMU itself); restore = `dom.create()` (libvirt; "
+        "`VIR_DOMAIN_START_BYPASS_CACHE` for the BYPASS_CACHE contender), "
+        "`virConnectRestoreParams` (file, parallel.channels; with `VIR_DOMAIN_SAVE_BYPASS_CACHE` "
+        "for the parallel BYPASS_CACHE contenders) or `fastsave.start(dom)` until it returns with "
+        "the guest running. libvirt's parallel save exists only as a plain save to a file "
+        "(`virDomainSaveParams` with image_format \"sparse\" and parallel.channels; libvirt "
+        ">= 11.2; no managed form): its image size is what the sparse file occupies on disk. "
+        "Contenders this libvirt does not offer are left out of the run (listed below). fastsave's default (no `direct` option) writes with O_DIRECT and reads "
         "through the page cache; `+direct` uses O_DIRECT both ways, `(buffered)` neither. After every restore the guest's boot id must be the one it had before the "
         "save (ok/attempts: a failed round is recorded, then tried once more; medians use the "
         "rounds that passed). Ratios are ratios of medians: times against libvirt BYPASS_CACHE, "
@@ -1507,6 +1654,10 @@ def render(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any],
         "taking the captured stream from memory through a pipe, then resumed.",
         "",
     ]
+    left = data.get("skipped") or {}
+    if left:
+        head += ["Left out on this stack: " + "; ".join(
+            f"{BY_KEY[k].label} ({why})" for k, why in left.items()) + ".", ""]
     body: list[str] = []
     targets_block = ["```", *[t["line"] for t in tg], "```", "", *floors(data, summ)]
     main_tables: list[str] = []
@@ -1547,6 +1698,30 @@ def render(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any],
               for r in fails] or ["none"])
     body += ["", f"Chart: `{png_name}`; every round's raw data: `{png_name[:-4]}.json`.", ""]
     md = "\n".join(head + ["## Targets", "", *targets_block, "", *body])
+    if png_name[:-4] != "compare":  # one stack's run: its block in the README's section
+        rounds = g.get(MAIN_GUEST, {}).get("rounds")
+        readme = "\n".join([
+            f"### {m.get('os', '?')}: libvirt {m.get('libvirt')}, QEMU {m.get('qemu')}",
+            "",
+            f"`benchmarks/compare.py{''.join(' ' + a for a in m.get('args', ['--quick'] if m['quick'] else []))}` "
+            f"({m['date']}, {m['cpus']} CPUs, "
+            f"images on {m['fs']}, {rounds} round(s) per contender, run took "
+            f"{m['duration_s'] / 60:.1f} min"
+            + (f"; 1-min load average {m['load_avg_start'][0]:.1f} at the start, "
+               f"{m['load_avg_end'][0]:.1f} at the end" if m.get("load_avg_end") else "")
+            + f"); details in "
+            f"`benchmarks/results/{png_name[:-4]}.md`, chart `benchmarks/results/{png_name}`. "
+            "Save = until the image is durable; ratios against libvirt BYPASS_CACHE (times) and "
+            "libvirt's raw image (sizes).", "",
+            *(main_tables[2:] if main_tables else ["(no data for the 1.5 GiB guest)", ""]),
+            *([("Left out on this stack: " + "; ".join(f"{BY_KEY[k].label} ({why})"
+                                                         for k, why in left.items()) + "."), ""]
+              if left else []),
+            *([f"Failed rounds: " + "; ".join(f"{BY_KEY[r['contender']].label}: {r.get('error')}"
+                                             for r in fails if r["guest"] == MAIN_GUEST), ""]
+              if any(r["guest"] == MAIN_GUEST for r in fails) else []),
+        ])
+        return md, readme
     readme = "\n".join([
         f"Latest full run of `benchmarks/compare.py` ({m['date']}, {m['cpus']} CPUs, libvirt "
         f"{m.get('libvirt')}, QEMU {m.get('qemu')}, images on {m['fs']}); details, the time "
@@ -1651,31 +1826,43 @@ def plot(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any], path:
     plt.close(fig)
 
 
-def update_readme(section: str) -> None:
+PART_RE = re.compile(r"<!-- bench:part ([\w.-]+) -->\n(.*?)<!-- bench:part-end \1 -->\n?", re.S)
+
+
+def update_readme(section: str, part: str = "compare") -> None:
+    """Puts `section` into the README's results section as the block named
+    `part` (one per results stem: the full run's, one per stack), keeping
+    the other blocks; text there without block markers is the full run's."""
     text = README.read_text()
-    block = f"{MARK_START}\n{section.rstrip()}\n{MARK_END}"
+    parts: dict[str, str] = {}
     if MARK_START in text and MARK_END in text:
         pre, rest = text.split(MARK_START, 1)
-        post = rest.split(MARK_END, 1)[1]
-        text = pre + block + post
+        inner, post = rest.split(MARK_END, 1)
+        loose = PART_RE.sub("", inner).strip()
+        if loose:
+            parts["compare"] = loose
+        parts.update({k: v.strip() for k, v in PART_RE.findall(inner)})
     else:
-        text = text.rstrip("\n") + "\n\n## Benchmark results\n\n" + block + "\n"
-    README.write_text(text)
+        pre, post = text.rstrip("\n") + "\n\n## Benchmark results\n\n", "\n"
+    parts[part] = section.strip()
+    order = sorted(parts, key=lambda k: (k != "compare", k))
+    blocks = "\n\n".join(f"<!-- bench:part {k} -->\n{parts[k]}\n<!-- bench:part-end {k} -->"
+                           for k in order)
+    README.write_text(pre + f"{MARK_START}\n{blocks}\n{MARK_END}" + post)
 
 
-def write_outputs(data: dict[str, Any]) -> list[dict[str, Any]]:
+def write_outputs(data: dict[str, Any], stem: str, readme: bool) -> list[dict[str, Any]]:
     summ = summarize(data)
     scal = scaling(data, summ)
     tg = targets(summ, scal)
     data["summary"], data["scaling"], data["targets"] = summ, scal, tg
-    stem = "compare-quick" if data["meta"]["quick"] else "compare"
     RESULTS.mkdir(exist_ok=True)
-    md, readme = render(data, summ, scal, tg, f"{stem}.png")
+    md, section = render(data, summ, scal, tg, f"{stem}.png")
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(md)
     plot(data, summ, scal, RESULTS / f"{stem}.png")
-    if not data["meta"]["quick"]:
-        update_readme(readme)
+    if readme:
+        update_readme(section, stem)
     return tg
 
 
@@ -1683,6 +1870,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 512 MiB and 1.5 GiB guests, one round; writes compare-quick.*")
+    ap.add_argument("--rounds", type=int, metavar="N",
+                    help="rounds per guest (default: 1 with --quick, else each guest's own)")
+    ap.add_argument("--guests", metavar="KEYS",
+                    help=f"comma-separated guests to run (of {', '.join(GUESTS)})")
+    ap.add_argument("--out-name", metavar="STEM",
+                    help="write benchmarks/results/STEM.{md,json,png} (default compare, "
+                         "compare-quick with --quick), e.g. compare-debian13")
+    ap.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None,
+                    help="put the results into README.md's results section (its own block per "
+                         "STEM; default: only for a full run and for --out-name)")
     ap.add_argument("--agent", metavar="ROOT", help=argparse.SUPPRESS)
     ap.add_argument("--format", help=argparse.SUPPRESS)
     ap.add_argument("--report-only", metavar="JSON",
@@ -1690,26 +1887,30 @@ def main() -> int:
     args = ap.parse_args()
     if args.agent:
         return agent_main(args.agent, args.format)
+    guests = args.guests.split(",") if args.guests else None
+    if guests and any(k not in GUESTS for k in guests):
+        ap.error(f"--guests: known guests are {', '.join(GUESTS)}")
     if args.report_only:
         data = json.loads(Path(args.report_only).read_text())
         for k in ("summary", "scaling", "targets"):
             data.pop(k, None)
-        tg = write_outputs(data)
     else:
         if os.geteuid() != 0:
             print("compare.py runs QEMU guests on the embedded libvirt driver: run it as root",
                   file=sys.stderr)
             return 2
-        runner = Runner(args.quick)
+        runner = Runner(args.quick, args.rounds, guests)
         data = runner.run()
-        tg = write_outputs(data)
+    stem = args.out_name or ("compare-quick" if data["meta"]["quick"] else "compare")
+    readme = args.readme if args.readme is not None else bool(args.out_name) or not data["meta"]["quick"]
+    tg = write_outputs(data, stem, readme)
+    if not args.report_only:
         runner.say("done")
-    stem = "compare-quick" if data["meta"]["quick"] else "compare"
     print()
     for t in tg:
         print(t["line"])
     print(f"\nwritten: {RESULTS / (stem + '.md')}, .json, .png"
-          + ("" if data["meta"]["quick"] else f"; README section in {README}"))
+          + (f"; README section in {README}" if readme else ""))
     fails = [r for r in data["rounds"] if not r.get("ok")]
     return 1 if fails else 0
 
