@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 import fastsave
 from support import guest
+from support.background import save_in_thread
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 
@@ -41,21 +41,6 @@ def workers() -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "fastsave.worker"],
                          capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
-
-
-def save_in_thread(dom, **kw) -> tuple[threading.Thread, list]:
-    result: list = []
-
-    def run() -> None:
-        try:
-            fastsave.managed_save(dom, **kw)
-            result.append(None)
-        except libvirt.libvirtError as e:
-            result.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, result
 
 
 @pytest.mark.parametrize("paused", [True, False], ids=["paused", "running"])

@@ -15,6 +15,7 @@ import pytest
 import fastsave
 from fastsave import engine, restore_xml, saving
 from support import guest
+from support.background import save_in_thread
 
 pytestmark = pytest.mark.qemu
 
@@ -260,17 +261,7 @@ def test_stalled_engine_is_cancelled_and_rolled_back(make_guest, tmp_path):
     fill.write_bytes(os.urandom(64 << 20))
     dom = make_guest(128, fill=str(fill))
     boot = guest.read_state(dom).boot_id
-    box: list = []
-
-    def run() -> None:
-        try:
-            fastsave.managed_save(dom, mode="raw", direct=False, stall_timeout=2.0)
-            box.append(None)
-        except libvirt.libvirtError as e:
-            box.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
+    t, box = save_in_thread(dom, mode="raw", direct=False, stall_timeout=2.0)
     deadline = time.monotonic() + 30
     while not _engine_children():
         assert time.monotonic() < deadline and t.is_alive()

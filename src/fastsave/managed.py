@@ -269,10 +269,8 @@ def start(dom: libvirt.virDomain, flags: int = 0, *, options: Options | None = N
                 found = _bound_image(store, dom, uuid, writable=True)
             except (ImageError, StoreError, OSError) as e:
                 raise fail(libvirt.VIR_ERR_OPERATION_FAILED,
-                           f"cannot restore domain {dom.name()}: {e}; the image "
-                           f"{store.image_path(uuid)} is kept; start with "
-                           f"VIR_DOMAIN_START_FORCE_BOOT (fastsave start --force-boot "
-                           f"{dom.name()}) to boot fresh") from e
+                           f"cannot restore domain {dom.name()}: {e}; "
+                           f"{restoring.kept(store.image_path(uuid), dom.name())}") from e
             if found is not None:
                 restoring.restore(dom, store, uuid, flags, opts, found[1], found[0])
                 return 0

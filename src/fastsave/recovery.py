@@ -26,20 +26,17 @@ stopped instead (the image is the only copy).
 
 from __future__ import annotations
 
-import contextlib
-import time
-
 import libvirt
 
-from . import restore_xml, watch
-from .saving import STOP_TIMEOUT, destroy, finish_save
+from . import restore_xml
+from .restoring import complete
+from .saving import STOP_TIMEOUT, cancel_migration, destroy, finish_save
 from .store import ImageStore
 from .virt import fail, qmp
 
 __all__ = ["settle", "RECOVER_TIMEOUT"]
 
 RECOVER_TIMEOUT = 30.0
-_MIGRATING = ("setup", "active", "device", "pre-switchover", "cancelling")
 
 
 def settle(store: ImageStore, dom: libvirt.virDomain, uuid: str) -> None:
@@ -64,14 +61,8 @@ def _save_left(store: ImageStore, dom: libvirt.virDomain, uuid: str, was_running
     if store.has_image(uuid):
         finish_save(dom, dom.connect().getURI(), uuid, dom.name(), store.image_path(uuid))
         return
-    with contextlib.suppress(libvirt.libvirtError):
-        qmp(dom, "migrate_cancel")
     try:
-        deadline = time.monotonic() + RECOVER_TIMEOUT
-        while time.monotonic() < deadline:  # QEMU refuses 'cont' until it is over
-            if (qmp(dom, "query-migrate") or {}).get("status") not in _MIGRATING:
-                break
-            time.sleep(watch.POLL)
+        cancel_migration(dom, RECOVER_TIMEOUT)
         if was_running and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
             dom.resume()
     except libvirt.libvirtError:
@@ -91,10 +82,7 @@ def _restore_left(store: ImageStore, dom: libvirt.virDomain, uuid: str, resume: 
     if _incoming_waiting(dom):
         _stop(dom, uuid)
         return
-    store.remove_image(uuid)
-    restore_xml.unbind_definition(dom)
-    if resume and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-        dom.resume()
+    complete(dom, store, uuid, resume)
 
 
 def _carries_token(dom: libvirt.virDomain) -> bool:

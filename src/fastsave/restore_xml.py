@@ -29,7 +29,7 @@ import libvirt
 
 from .engine import ImageInfo
 
-__all__ = ["RefusedImage", "ForeignImage", "for_restore", "clean_for_image", "new_binding",
+__all__ = ["RefusedImage", "ForeignImage", "for_restore", "check_binding", "clean_for_image", "new_binding",
            "bind_definition", "unbind_definition", "definition_binding", "image_binding",
            "QEMU_NS", "TOKEN_NS", "BIND_NS"]
 

@@ -26,7 +26,13 @@ from .store import ImageStore, StoreError
 from .virt import fail, qmp
 from .worker import EngineProcess
 
-__all__ = ["restore"]
+__all__ = ["restore", "complete", "kept"]
+
+
+def kept(path: str, name: str) -> str:
+    """How a failed restore leaves the saved state, and the way out."""
+    return (f"the image {path} is kept; start with VIR_DOMAIN_START_FORCE_BOOT "
+            f"(fastsave start --force-boot {name}) to boot fresh")
 
 
 def restore(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts: object,
@@ -37,8 +43,7 @@ def restore(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, op
     off and the image kept; the error names the cause."""
     name = dom.name()
     path = store.image_path(uuid)
-    keep = (f"the image {path} is kept; start with VIR_DOMAIN_START_FORCE_BOOT "
-            f"(fastsave start --force-boot {name}) to boot fresh")
+    keep = kept(path, name)
     try:
         try:
             xml = restore_xml.for_restore(info, dom, store.issue_token(uuid), store.scratch_path(uuid))
@@ -108,14 +113,15 @@ def _run(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts:
                    f"restore of domain {name} from {path} failed: {cause}; {keep}{left}") from e
     store.revoke_token(uuid)
     complete(live, store, uuid, resume)
+    store.clear_saving_mark(uuid)
 
 
 def complete(live: libvirt.virDomain, store: ImageStore, uuid: str, resume: bool) -> None:
     """The state lives in QEMU now: the image is stale from here on. Removed
-    (durably) before the guest may run."""
+    (durably) before the guest may run. Also how recovery finishes a restore
+    whose process died after the stream was in."""
     store.remove_image(uuid)
     restore_xml.unbind_definition(live)
     if resume and live.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
         live.resume()
-    store.clear_saving_mark(uuid)
 

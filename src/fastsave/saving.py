@@ -24,7 +24,8 @@ from .store import ImageStore
 from .virt import fail, qmp
 from .worker import EngineProcess
 
-__all__ = ["save", "roll_back", "finish_save", "reconnect", "qemu_gone", "destroy", "cause_of"]
+__all__ = ["save", "roll_back", "finish_save", "cancel_migration", "reconnect", "qemu_gone",
+           "destroy", "cause_of"]
 
 FD_NAME = "fastsave"
 GONE_WAIT = 5.0        # for libvirt to notice a QEMU whose monitor stopped answering
@@ -158,7 +159,7 @@ def roll_back(dom: libvirt.virDomain, worker: EngineProcess | None, was_running:
             dom = reconnect(dom, uri, uuid)
     with contextlib.suppress(libvirt.libvirtError):
         if dom.isActive():
-            qmp(dom, "migrate_cancel")
+            qmp(dom, "migrate_cancel")  # first: the engine's death must not look like the end
     if worker is not None:
         worker.kill()
         with contextlib.suppress(Exception):
@@ -170,7 +171,7 @@ def roll_back(dom: libvirt.virDomain, worker: EngineProcess | None, was_running:
         if old_bandwidth is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 qmp(dom, "migrate-set-parameters", {"max-bandwidth": old_bandwidth})
-        _wait_migration_over(dom)
+        cancel_migration(dom)
         state = dom.state()[0]
         if was_running and state == libvirt.VIR_DOMAIN_PAUSED:
             dom.resume()
@@ -189,8 +190,11 @@ def roll_back(dom: libvirt.virDomain, worker: EngineProcess | None, was_running:
                 f"tries again"), False
 
 
-def _wait_migration_over(dom: libvirt.virDomain, timeout: float = 30.0) -> None:
-    """QEMU refuses 'cont' until a cancelled migration is over."""
+def cancel_migration(dom: libvirt.virDomain, timeout: float = 30.0) -> None:
+    """Cancels QEMU's outgoing migration, if any, and waits until it is over:
+    QEMU refuses 'cont' until then."""
+    with contextlib.suppress(libvirt.libvirtError):
+        qmp(dom, "migrate_cancel")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = (qmp(dom, "query-migrate") or {}).get("status")

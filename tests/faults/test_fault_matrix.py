@@ -18,6 +18,7 @@ import fastsave
 from fastsave import engine, worker
 from fastsave.errors import ImageError
 from support import guest
+from support.background import save_in_thread, wait_until_writing
 from support.engine_io import restore_collect
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
@@ -82,21 +83,9 @@ def test_write_errors(make_guest, fill, eio_shim, after_mib, monkeypatch):
 
 def save_until_writing(dom, store: Path) -> tuple[threading.Thread, list]:
     """Starts a managed save into `store` in a thread; returns once the engine
-    is writing its temp file (the thread, and a list that gets its error)."""
-    box: list = []
-
-    def run() -> None:
-        try:
-            fastsave.managed_save(dom, image_dir=str(store), mode="zstd", level=5)
-        except libvirt.libvirtError as e:
-            box.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.monotonic() + 60
-    while not (store.exists() and any("fastsave-tmp" in p.name for p in store.iterdir())):
-        assert time.monotonic() < deadline and t.is_alive()
-        time.sleep(0.002)
+    is writing its temp file (the thread, and a list that gets its outcome)."""
+    t, box = save_in_thread(dom, image_dir=str(store), mode="zstd", level=5)
+    wait_until_writing(store, t)
     return t, box
 
 

@@ -62,9 +62,9 @@ def test_saving_process_killed_at_random_points(make_system_guest, system_libvir
 
 
 def test_libvirtd_restarted_mid_save(make_system_guest, system_libvirtd, tmp_path):
-    import threading
     from pathlib import Path
 
+    from support.background import save_in_thread, wait_until_writing
     from support.fixtures import restart_libvirtd
 
     fill = tmp_path / "fill.bin"
@@ -73,21 +73,8 @@ def test_libvirtd_restarted_mid_save(make_system_guest, system_libvirtd, tmp_pat
     uuid = dom.UUIDString()
     boot = guest.read_state(dom).boot_id
     store = Path(fastsave.image_store(dom.connect()).directory)
-    box: list = []
-
-    def run() -> None:
-        try:
-            fastsave.managed_save(dom, mode="zstd", level=7)
-            box.append(None)
-        except libvirt.libvirtError as e:
-            box.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.monotonic() + 60
-    while not any("fastsave-tmp" in p.name for p in store.iterdir()):
-        assert time.monotonic() < deadline and t.is_alive()
-        time.sleep(0.002)
+    t, box = save_in_thread(dom, mode="zstd", level=7)
+    wait_until_writing(store, t)
     restart_libvirtd()
     t.join(180)
     conn = libvirt.open(system_libvirtd)
