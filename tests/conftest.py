@@ -10,16 +10,18 @@ import pytest
 
 pytest_plugins = ["support.fixtures"]
 
-SYSTEM_FIXTURES = {"system_libvirtd", "system_conn", "make_system_guest"}
+SYSTEM_DIR = Path(__file__).parent / "system"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests of the system libvirtd get the `system` marker: they run in a
-    pytest process of their own (see .ci/run), because once a process has
-    opened the embedded driver, libvirt routes qemu:///system to it too."""
-    for item in items:
-        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.system)
+    """tests/system (the system libvirtd) runs in a pytest process of its own:
+    once a process has opened the embedded driver, libvirt routes
+    qemu:///system to it too. A run that collected both is refused."""
+    system = [i for i in items if SYSTEM_DIR in Path(str(i.path)).parents]
+    if system and len(system) != len(items):
+        raise pytest.UsageError(
+            "tests/system must run in a pytest process of its own: "
+            "pytest tests/engine tests/managed; pytest tests/system")
 
 
 CHUNK = 64 << 10  # small chunks keep the matrix fast while exercising many chunks

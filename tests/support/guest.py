@@ -3,7 +3,6 @@ gcc, run under TCG by libvirt, with helpers to read its state from outside."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 import subprocess
@@ -16,6 +15,7 @@ import libvirt
 import libvirt_qemu
 
 import fastsave
+from fastsave.virt import qmp
 
 GUEST_SRC = Path(__file__).resolve().parent.parent / "guest"
 STATE_ADDR = 0x200000
@@ -57,16 +57,11 @@ def domain_xml(name: str, kernel: str, mem_mib: int = 128, *, dom_uuid: str | No
 </domain>"""
 
 
-def _qmp(dom: libvirt.virDomain, cmd: str, args: dict | None = None) -> object:
-    msg = {"execute": cmd, **({"arguments": args} if args else {})}
-    return json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(msg), 0)).get("return")
-
-
 def _pmem(dom: libvirt.virDomain, addr: int, size: int) -> bytes:
     fd, path = tempfile.mkstemp(prefix="pmem-")
     os.close(fd)
     try:
-        _qmp(dom, "pmemsave", {"val": addr, "size": size, "filename": path})
+        qmp(dom, "pmemsave", {"val": addr, "size": size, "filename": path})
         return Path(path).read_bytes()
     finally:
         os.unlink(path)
@@ -89,7 +84,7 @@ def ram_sha256(dom: libvirt.virDomain, mem_mib: int) -> str:
     fd, path = tempfile.mkstemp(prefix="ram-")
     os.close(fd)
     try:
-        _qmp(dom, "pmemsave", {"val": 0, "size": mem_mib << 20, "filename": path})
+        qmp(dom, "pmemsave", {"val": 0, "size": mem_mib << 20, "filename": path})
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while chunk := f.read(8 << 20):

@@ -1,4 +1,6 @@
-"""Minimal synchronous QMP client (newline-delimited JSON over a unix socket)."""
+"""QMP for QEMU processes started without libvirt (the engine tests capture
+real migration streams this way). Guests under libvirt use fastsave.virt.qmp,
+the one the product uses."""
 from __future__ import annotations
 
 import json

@@ -108,19 +108,6 @@ def test_progress_bar_on_a_terminal(make_system_guest):
         assert d.name()[:24] in r.stdout
 
 
-def test_install_units(tmp_path):
-    r = subprocess.run([sys.executable, "-c", (
-        "from fastsave.units import install_units;"
-        f"print(install_units('{tmp_path}/units', '{tmp_path}/default/fastsave'))")],
-        capture_output=True, text=True)
-    assert r.returncode == 0
-    unit = (tmp_path / "units" / "fastsave-guests.service").read_text()
-    assert "After=libvirtd.service" in unit and "restore-all" in unit and "save-all" in unit
-    assert "EnvironmentFile=-" in unit and "TimeoutStopSec=0" in unit
-    env = (tmp_path / "default" / "fastsave").read_text()
-    assert "FASTSAVE_TIMEOUT=" in env and "FASTSAVE_ON_TIMEOUT=" in env
-
-
 def test_json_of_single_domain_commands(make_system_guest):
     dom = make_system_guest(64)
     name = dom.name()

@@ -65,7 +65,7 @@ def test_libvirtd_restarted_mid_save(make_system_guest, system_libvirtd, tmp_pat
     from pathlib import Path
 
     from support.background import save_in_thread, wait_until_writing
-    from support.fixtures import restart_libvirtd
+    from support.system_daemon import restart_libvirtd
 
     fill = tmp_path / "fill.bin"
     fill.write_bytes(os.urandom(96 << 20))

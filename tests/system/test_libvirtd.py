@@ -9,7 +9,7 @@ import pytest
 
 import fastsave
 from support import guest
-from support.fixtures import restart_libvirtd
+from support.system_daemon import restart_libvirtd
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 
