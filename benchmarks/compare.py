@@ -236,7 +236,7 @@ def fill_addresses(g: Guest, sizes: list[int]) -> list[int]:
 
 
 def write_fills(guests: list[Guest]) -> None:
-    from support.mixed import mixed_chunks, write_mixed_file
+    from testkit.mixed import mixed_chunks, write_mixed_file
 
     (WORK / "fill").mkdir(parents=True, exist_ok=True)
     for g in guests:
@@ -265,7 +265,7 @@ def write_fills(guests: list[Guest]) -> None:
 
 
 def guest_xml(g: Guest, kernel: str, *, name: str | None = None, dom_uuid: str | None = None) -> str:
-    from support import guest
+    from testkit import guest
 
     parts = fill_parts(g)
     addrs = fill_addresses(g, [n for _, n in parts])
@@ -587,7 +587,7 @@ class Agent:
                 "fastsave": importlib.metadata.version("fastsave")}
 
     def op_define(self, name: str, xml: str, prime: str) -> dict[str, Any]:
-        from support import guest
+        from testkit import guest
 
         for n in (name, name + "-limit"):
             old = self._lookup(n)
@@ -602,7 +602,7 @@ class Agent:
         libvirt's plain save (raw: this agent's root has no image format
         set) to `path`: every later start of the guest, in any root, is a
         restore of that file with the fill-free XML."""
-        from support import guest
+        from testkit import guest
 
         t = time.perf_counter()
         live = self.conn.createXML(xml, 0)
@@ -631,7 +631,7 @@ class Agent:
         return {}
 
     def op_ensure_running(self, name: str) -> dict[str, Any]:
-        from support import guest
+        from testkit import guest
 
         dom = self.dom(name)
         if dom.isActive():
@@ -654,7 +654,7 @@ class Agent:
         return {"destroy_s": time.perf_counter() - t}
 
     def op_contender(self, name: str, kind: str, params: dict[str, Any]) -> dict[str, Any]:
-        from support import guest
+        from testkit import guest
 
         dom = self.dom(name)
         res: dict[str, Any] = {"boot_s": self.op_ensure_running(name)["boot_s"]}
@@ -825,7 +825,7 @@ class Agent:
     def op_capture(self, name: str, path: str) -> dict[str, Any]:
         """The guest's migration stream, written by QEMU into a file in /dev/shm."""
         from fastsave.virt import qmp
-        from support import guest
+        from testkit import guest
 
         dom = self.dom(name)
         self.op_ensure_running(name)
@@ -844,7 +844,7 @@ class Agent:
         """QEMU started paused with -incoming defer, fed the captured stream
         from memory through a pipe; timed until it runs the guest."""
         from fastsave.virt import qmp
-        from support import guest
+        from testkit import guest
 
         libvirt = self.libvirt
         old = self._lookup(name + "-limit")
@@ -1144,7 +1144,7 @@ class Runner:
         return f"{c.label}: " + ", ".join(parts)
 
     def run(self) -> dict[str, Any]:
-        from support import guest
+        from testkit import guest
 
         guests = [GUESTS[k] for k in self.guest_keys]
         WORK.mkdir(parents=True, exist_ok=True)

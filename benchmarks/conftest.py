@@ -28,7 +28,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from support.mixed import write_mixed_file  # noqa: E402
+from testkit.mixed import write_mixed_file  # noqa: E402
 
 MIB = 1 << 20
 SIZE = int(os.environ.get("FASTSAVE_BENCH_SIZE_MIB", "1024")) * MIB

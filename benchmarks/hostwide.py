@@ -25,10 +25,10 @@ import libvirt  # noqa: E402
 
 import fastsave  # noqa: E402
 from fastsave.bulk import restore_all, save_all  # noqa: E402
-from support import guest  # noqa: E402
-from support.fixtures import ensure_qemu_user  # noqa: E402
-from support.system_daemon import restart_libvirtd  # noqa: E402
-from support.mixed import write_mixed_file  # noqa: E402
+from testkit import guest  # noqa: E402
+from testkit.fixtures import ensure_qemu_user  # noqa: E402
+from testkit.system_daemon import restart_libvirtd  # noqa: E402
+from testkit.mixed import write_mixed_file  # noqa: E402
 from reaper import orphan_reap_delay, wrap as under_reaper  # noqa: E402
 
 URI = "qemu:///system"

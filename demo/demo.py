@@ -22,8 +22,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 import libvirt  # noqa: E402
 
 import fastsave  # noqa: E402
-from support import guest  # noqa: E402
-from support.mixed import write_mixed_file  # noqa: E402
+from testkit import guest  # noqa: E402
+from testkit.mixed import write_mixed_file  # noqa: E402
 
 MEM_MIB = 1536
 FILL_MIB = 1024

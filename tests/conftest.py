@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["support.fixtures"]
+pytest_plugins = ["testkit.fixtures"]
 
 SYSTEM_DIR = Path(__file__).parent / "system"
 
@@ -45,7 +45,7 @@ def sample(kind: str, n: int, seed: int = 1) -> bytes:
     if kind == "text":
         return _text(n, seed)
     if kind == "mixed":
-        from support.mixed import mixed_bytes
+        from testkit.mixed import mixed_bytes
         return mixed_bytes(n, seed) if n else b""
     raise ValueError(kind)
 
@@ -55,8 +55,8 @@ def qemu_stream(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A real QEMU 7.2 migration stream: 64 MiB guest with 16 MiB of mixed memory."""
     if shutil.which(os.environ.get("FASTSAVE_QEMU", "qemu-system-x86_64")) is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    from support.mixed import write_mixed_file
-    from support.qemu_stream import capture_migration_stream
+    from testkit.mixed import write_mixed_file
+    from testkit.qemu_stream import capture_migration_stream
 
     d = tmp_path_factory.mktemp("qemu")
     fill = d / "fill.bin"

@@ -11,7 +11,7 @@ import pytest
 from conftest import CHUNK, sample
 from fastsave import engine
 from fastsave.errors import ImageCorrupt, ImageError, ImageTruncated, NotAnImage, UnsupportedImageVersion
-from support.engine_io import restore_collect, save_bytes
+from testkit.engine_io import restore_collect, save_bytes
 
 
 def make_image(tmp_path: Path, mode: str, data: bytes) -> tuple[Path, bytes, engine.ImageInfo]:

@@ -19,7 +19,7 @@ import pytest
 from conftest import CHUNK, sample
 from fastsave import engine
 from fastsave.errors import Cancelled
-from support.engine_io import restore_bytes, save_bytes
+from testkit.engine_io import restore_bytes, save_bytes
 
 ROOT = os.geteuid() == 0
 

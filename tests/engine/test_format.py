@@ -13,7 +13,7 @@ import zstandard
 
 from conftest import CHUNK, sample
 from fastsave import engine
-from support.engine_io import save_bytes
+from testkit.engine_io import save_bytes
 
 SKIPPABLE = 0x184D2A5E
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import CHUNK, sample
 from fastsave import ImageCorrupt, engine, errors
 from fastsave._native import lib
-from support.engine_io import restore_bytes, save_bytes
+from testkit.engine_io import restore_bytes, save_bytes
 
 MIB = 1 << 20
 TRAILER = 128

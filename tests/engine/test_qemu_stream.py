@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from support.mixed import mixed_bytes, mixed_chunks, write_mixed_file
-from support.qemu_stream import (QEMU, QemuVM, capture_migration_stream,
+from testkit.mixed import mixed_bytes, mixed_chunks, write_mixed_file
+from testkit.qemu_stream import (QEMU, QemuVM, capture_migration_stream,
                                  feed_incoming_stream, load_stream, ram_sha256, save_stream)
 
 needs_qemu = pytest.mark.skipif(shutil.which(QEMU) is None, reason=f"{QEMU} not installed")

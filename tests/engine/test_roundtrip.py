@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import CHUNK, sample
 from fastsave import engine
-from support.engine_io import restore_bytes, save_bytes
+from testkit.engine_io import restore_bytes, save_bytes
 
 MODES = ["raw", "zstd", "auto"]
 SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK + 17]

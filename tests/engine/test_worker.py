@@ -30,7 +30,7 @@ from fastsave.errors import (
     UnsupportedImageVersion,
 )
 from fastsave.worker import EngineProcess
-from support.engine_io import save_bytes
+from testkit.engine_io import save_bytes
 
 LIMIT = 30.0  # seconds: no test here may take anywhere near this
 

@@ -84,10 +84,8 @@ def pieces(img: bytes) -> dict[str, bytes]:
 
 
 def capture_qemu(tmp: str) -> bytes | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, os.path.abspath(os.path.join(here, "..", "..")))
     try:
-        from tests.support.qemu_stream import capture_migration_stream
+        from testkit.qemu_stream import capture_migration_stream
         path = os.path.join(tmp, "qemu.stream")
         capture_migration_stream(path, mem_mib=16, timeout=60)
         with open(path, "rb") as f:

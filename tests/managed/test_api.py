@@ -11,8 +11,8 @@ import pytest
 import fastsave
 from fastsave import engine
 from fastsave.worker import EngineProcess
-from support import guest
-from support.engine_io import restore_bytes, save_bytes
+from testkit import guest
+from testkit.engine_io import restore_bytes, save_bytes
 
 pytestmark = pytest.mark.qemu
 

@@ -17,9 +17,9 @@ import pytest
 import fastsave
 from fastsave import engine, worker
 from fastsave.errors import ImageError
-from support import guest
-from support.background import save_in_thread, wait_until_writing
-from support.engine_io import restore_collect
+from testkit import guest
+from testkit.background import save_in_thread, wait_until_writing
+from testkit.engine_io import restore_collect
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 

@@ -11,8 +11,8 @@ import libvirt
 import pytest
 
 import fastsave
-from support import guest
-from support.background import save_in_thread
+from testkit import guest
+from testkit.background import save_in_thread
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 

@@ -12,7 +12,7 @@ import pytest
 
 import fastsave
 from fastsave.bulk import restore_all, save_all
-from support import guest
+from testkit import guest
 
 pytestmark = pytest.mark.qemu
 

@@ -14,8 +14,8 @@ import pytest
 
 import fastsave
 from fastsave import engine, restore_xml, saving
-from support import guest
-from support.background import save_in_thread
+from testkit import guest
+from testkit.background import save_in_thread
 
 pytestmark = pytest.mark.qemu
 

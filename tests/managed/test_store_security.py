@@ -11,7 +11,7 @@ import pytest
 
 import fastsave
 from fastsave.store import ImageStore
-from support import guest
+from testkit import guest
 
 pytestmark = pytest.mark.qemu
 

@@ -1,2 +1,2 @@
-"""The system libvirtd's fixtures, for this folder only (see support/system_daemon.py)."""
-from support.system_daemon import make_system_guest, system_conn, system_libvirtd  # noqa: F401
+"""The system libvirtd's fixtures, for this folder only (see testkit/system_daemon.py)."""
+from testkit.system_daemon import make_system_guest, system_conn, system_libvirtd  # noqa: F401

@@ -15,7 +15,7 @@ import pytest
 
 import fastsave
 from fastsave import engine
-from support import guest
+from testkit import guest
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 
@@ -64,8 +64,8 @@ def test_saving_process_killed_at_random_points(make_system_guest, system_libvir
 def test_libvirtd_restarted_mid_save(make_system_guest, system_libvirtd, tmp_path):
     from pathlib import Path
 
-    from support.background import save_in_thread, wait_until_writing
-    from support.system_daemon import restart_libvirtd
+    from testkit.background import save_in_thread, wait_until_writing
+    from testkit.system_daemon import restart_libvirtd
 
     fill = tmp_path / "fill.bin"
     fill.write_bytes(os.urandom(96 << 20))

@@ -8,8 +8,8 @@ import libvirt
 import pytest
 
 import fastsave
-from support import guest
-from support.system_daemon import restart_libvirtd
+from testkit import guest
+from testkit.system_daemon import restart_libvirtd
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 

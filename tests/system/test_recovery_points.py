@@ -17,7 +17,7 @@ import libvirt
 import pytest
 
 import fastsave
-from support import guest
+from testkit import guest
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 
@@ -121,7 +121,7 @@ def test_killed_mid_restore_keeps_or_finishes_the_state(make_system_guest, syste
 def test_libvirtd_restart_after_commit_still_stops_the_domain(make_system_guest, system_libvirtd,
                                                               monkeypatch):
     from fastsave.store import ImageStore
-    from support.system_daemon import restart_libvirtd
+    from testkit.system_daemon import restart_libvirtd
 
     dom = make_system_guest(MEM)
     uuid = dom.UUIDString()
@@ -145,7 +145,7 @@ def test_libvirtd_restart_after_commit_still_stops_the_domain(make_system_guest,
 
 def test_libvirtd_restart_after_createXML_destroys_and_keeps_the_image(
         make_system_guest, system_libvirtd, monkeypatch):
-    from support.system_daemon import restart_libvirtd
+    from testkit.system_daemon import restart_libvirtd
 
     dom = make_system_guest(MEM)
     uuid = dom.UUIDString()

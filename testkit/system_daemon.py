@@ -19,8 +19,8 @@ import fastsave
 from fastsave.connect import EMBED_QEMU_CONF
 from fastsave.hook import install_hook
 from fastsave.store import default_image_dir
-from support import fixtures
-from support.fixtures import _cleanup, _need_host_tools, ensure_qemu_user, make_guest_factory
+from testkit import fixtures
+from testkit.fixtures import _cleanup, _need_host_tools, ensure_qemu_user, make_guest_factory
 
 try:
     import libvirt

@@ -1,5 +1,5 @@
 """pytest fixtures for libvirt tests: an embedded driver root and test guests.
-The system libvirtd's fixtures are in support/system_daemon.py (tests/system)."""
+The system libvirtd's fixtures are in testkit/system_daemon.py (tests/system)."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,7 @@ import fastsave
 try:
     import libvirt
 
-    from support import guest
+    from testkit import guest
 except ImportError:  # engine-only test runs; the libvirt fixtures skip
     libvirt = None
 

@@ -17,7 +17,7 @@ import libvirt_qemu
 import fastsave
 from fastsave.virt import qmp
 
-GUEST_SRC = Path(__file__).resolve().parent.parent / "guest"
+GUEST_SRC = Path(__file__).resolve().parent.parent / "tests" / "guest"
 STATE_ADDR = 0x200000
 STATE_MAGIC = 0x46535447
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
