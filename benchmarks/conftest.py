@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import pytest
 
+from testkit.mixed import write_mixed_file  # on pytest's pythonpath (pyproject)
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from testkit.mixed import write_mixed_file  # noqa: E402
 
 MIB = 1 << 20
 SIZE = int(os.environ.get("FASTSAVE_BENCH_SIZE_MIB", "1024")) * MIB

@@ -3,7 +3,9 @@ libvirt-guests does (a serial loop of `virsh managedsave --bypass-cache`, then
 a serial loop of `virsh start`), on the same guests under the system libvirtd,
 alternating rounds. Writes benchmarks/results/hostwide.md and .json.
 
-    .venv/bin/python benchmarks/hostwide.py [--guests 4] [--mem 512] [--rounds 3]
+    .venv/bin/python -m benchmarks.hostwide [--guests 4] [--mem 512] [--rounds 3]
+
+(from the repository root)
 """
 
 from __future__ import annotations
@@ -17,19 +19,17 @@ import sys
 import time
 from pathlib import Path
 
+import libvirt
+
+from fastsave.hostwide import restore_all, save_all
+from testkit import guest
+from testkit.fixtures import ensure_qemu_user
+from testkit.mixed import write_mixed_file
+from testkit.system_daemon import restart_libvirtd
+
+from .reaper import orphan_reap_delay, wrap as under_reaper
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE))
-
-import libvirt  # noqa: E402
-
-import fastsave  # noqa: E402
-from fastsave.bulk import restore_all, save_all  # noqa: E402
-from testkit import guest  # noqa: E402
-from testkit.fixtures import ensure_qemu_user  # noqa: E402
-from testkit.system_daemon import restart_libvirtd  # noqa: E402
-from testkit.mixed import write_mixed_file  # noqa: E402
-from reaper import orphan_reap_delay, wrap as under_reaper  # noqa: E402
 
 URI = "qemu:///system"
 WORK = Path("/var/tmp/fastsave-hostwide")
@@ -57,7 +57,7 @@ def main() -> int:
         reap_delay = orphan_reap_delay()
         os.environ["FASTSAVE_UNDER_REAPER"] = "1"
         os.environ["FASTSAVE_INIT_REAP_DELAY"] = f"{reap_delay:.3f}"
-        argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
+        argv = [sys.executable, "-m", "benchmarks.hostwide", *sys.argv[1:]]  # same cwd
         os.execv(sys.executable, under_reaper(argv))
     ensure_qemu_user()
     restart_libvirtd()

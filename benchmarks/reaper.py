@@ -1,6 +1,7 @@
 """Prompt reaping of exited QEMU processes for benchmark runs.
 
-usage: python benchmarks/reaper.py COMMAND [ARG...]
+usage: python -m benchmarks.reaper COMMAND [ARG...]
+(or by its path: it imports nothing of the project)
 
 libvirt stops a domain by signalling QEMU and polling until its pid is gone.
 QEMU is a daemon, so its zombie is reaped by the nearest subreaper, normally

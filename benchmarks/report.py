@@ -1,6 +1,6 @@
 """Turns the pytest-benchmark JSON into Markdown tables and target checks.
 
-usage: python benchmarks/report.py [engine.json [engine.md]]
+usage: python -m benchmarks.report [engine.json [engine.md]]  (from the repository root)
 (defaults: benchmarks/results/engine.json -> benchmarks/results/engine.md)
 """
 from __future__ import annotations

@@ -5,6 +5,9 @@ guest-like mix (code, text, zeros, noise), then saves and restores it with
 libvirt's own managed save and with fastsave, and shows both side by side:
 save time, image size, restore time, and whether the guest came back where
 it was (same boot, counter going on).
+
+Run from the repository root: `bash demo/run` (installs first), or as root
+`.venv/bin/python -m demo.demo`.
 """
 
 from __future__ import annotations
@@ -16,14 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+import libvirt
 
-import libvirt  # noqa: E402
-
-import fastsave  # noqa: E402
-from testkit import guest  # noqa: E402
-from testkit.mixed import write_mixed_file  # noqa: E402
+import fastsave
+from testkit import guest
+from testkit.mixed import write_mixed_file
 
 MEM_MIB = 1536
 FILL_MIB = 1024
