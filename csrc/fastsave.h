@@ -26,8 +26,9 @@
 #define FS_ERR_NOMEM 7
 #define FS_ERR_NOT_IMAGE 8
 
-#define FS_FORMAT_MAJOR 1
+#define FS_FORMAT_MAJOR 1              /* single-channel images: the format of every 1.x reader */
 #define FS_FORMAT_MINOR 0
+#define FS_FORMAT_MAJOR_CHANNELS 2     /* images of several channels (a 1.x reader refuses them) */
 
 #define FS_NAME_MAX 1024
 #define FS_VERSION_MAX 64
@@ -42,6 +43,7 @@
 #define FS_THREADS_MAX 256
 #define FS_SLOTS_MAX 4096
 #define FS_BUFFERS_MAX 1073741824       /* 1 GiB: chunk buffers and zstd state of one call */
+#define FS_CHANNELS_MAX 64              /* streams of one image (QEMU's main and multifd channels) */
 
 /* Counters of a running or finished call. Written by the call's threads with
  * relaxed atomic stores, so another thread may read them at any time. */
@@ -89,7 +91,8 @@ struct fs_save_opts {
                                    FS_BUFFERS_MAX needs it: stats.threads says) */
     int32_t direct;             /* 1: O_DIRECT writes */
     uint32_t chunk_size;        /* multiple of 4096, FS_CHUNK_SIZE_MIN .. FS_CHUNK_SIZE_MAX */
-    uint32_t slots;             /* chunk buffers in flight, <= FS_SLOTS_MAX; 0: default */
+    uint32_t slots;             /* chunk buffers in flight (shared by all channels),
+                                   <= FS_SLOTS_MAX; 0: default */
     uint32_t was_running;
     uint32_t allow_splice;      /* raw mode: splice when the input is a pipe */
     const char *xml;            /* domain XML, no NUL inside; may be NULL */
@@ -105,7 +108,7 @@ struct fs_restore_opts {
     int32_t threads;            /* 0 .. FS_THREADS_MAX, 0 means 1; fewer when
                                    FS_BUFFERS_MAX needs it */
     int32_t direct;             /* 1: O_DIRECT reads of the payload */
-    uint32_t slots;             /* <= FS_SLOTS_MAX; 0: default */
+    uint32_t slots;             /* per channel, <= FS_SLOTS_MAX; 0: default */
 };
 
 /* What an image says about itself, after header, metadata, index and
@@ -119,7 +122,9 @@ struct fs_image_info {
     uint32_t chunk_size;
     uint32_t was_running;
     uint32_t auto_mode;
-    uint64_t stream_len;
+    uint64_t stream_len;        /* all channels together */
+    uint32_t channels;          /* 1 for a major 1 image */
+    uint64_t channel_len[64];   /* stream length of each channel (FS_CHANNELS_MAX) */
     uint64_t chunk_count;
     uint64_t chunks_compressed;
     uint64_t payload_offset;
@@ -139,9 +144,23 @@ struct fs_image_info {
 int fs_save(int in_fd, int dir_fd, const char *name,
             const struct fs_save_opts *opts, struct fs_job *job);
 
-/* Checks an image and writes its stream to out_fd; out_fd < 0 only verifies. */
+/* Reads n streams (channels) concurrently, each until its EOF, and writes one
+ * image of them as fs_save does. n == 1 is fs_save (a major 1 image); n > 1
+ * writes a major 2 image that keeps each channel's bytes apart. 1 <= n <=
+ * FS_CHANNELS_MAX. A channel's progress never waits on another's input. */
+int fs_save_channels(const int *in_fds, int n, int dir_fd, const char *name,
+                     const struct fs_save_opts *opts, struct fs_job *job);
+
+/* Checks an image and writes its stream to out_fd; out_fd < 0 only verifies
+ * (an image of any channel count). */
 int fs_restore(int image_fd, int out_fd, const struct fs_restore_opts *opts,
                struct fs_job *job);
+
+/* Checks an image and writes channel i to out_fds[i], each from its own
+ * thread; n must be the image's channel count. out_fds == NULL only
+ * verifies (n is then ignored). */
+int fs_restore_channels(int image_fd, const int *out_fds, int n,
+                        const struct fs_restore_opts *opts, struct fs_job *job);
 
 /* Checks header, metadata, index and trailer (not the chunk data). */
 int fs_inspect(int image_fd, struct fs_image_info *info, struct fs_job *job);

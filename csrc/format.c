@@ -6,8 +6,11 @@ static const char LV_PARTIAL_MAGIC[16] = "LibvirtQemudPart";
 static const char META_TAG[8] = "FSV-META";
 static const char INDEX_TAG[8] = "FSV-INDX";
 static const char TAIL_TAG[8] = "FSV-TAIL";
+static const char GUARD_TAG[8] = "FSV-CHAN";
 
-#define META_FIXED 72u
+#define META_FIXED 72u                /* major 1 */
+#define META_FIXED2 80u               /* major 2: and the channel count */
+#define CHANNEL_REC 16u               /* major 2 metadata: u64 length, u64 last chain value */
 #define TRAILER_CONTENT (FS_TRAILER_SIZE - 8u)
 
 static void put_skip_header(uint8_t *p, uint32_t content_len)
@@ -72,9 +75,16 @@ int fs_decode_lv_header(const uint8_t *buf, struct fs_lv_header *h, struct fs_wh
     return 0;
 }
 
+static uint32_t meta_major(const struct fs_meta *m)
+{
+    return m->channels > 1 ? FS_FORMAT_MAJOR_CHANNELS : FS_FORMAT_MAJOR;
+}
+
 size_t fs_meta_size(const struct fs_meta *m)
 {
-    return 8 + fs_align_up(META_FIXED + m->name_len + m->version_len, 8) + 8;
+    if (meta_major(m) == FS_FORMAT_MAJOR)
+        return 8 + fs_align_up(META_FIXED + m->name_len + m->version_len, 8) + 8;
+    return 8 + fs_align_up(META_FIXED2 + m->name_len + m->version_len, 8) + CHANNEL_REC * m->channels + 8;
 }
 
 void fs_encode_meta(uint8_t *buf, const struct fs_meta *m)
@@ -82,12 +92,14 @@ void fs_encode_meta(uint8_t *buf, const struct fs_meta *m)
     size_t total = fs_meta_size(m);
     uint8_t *c = buf + 8;
     size_t hash_at = total - 8 - 8;
+    uint32_t major = meta_major(m);
+    uint32_t fixed = major == FS_FORMAT_MAJOR ? META_FIXED : META_FIXED2;
     memset(buf, 0, total);
     put_skip_header(buf, (uint32_t)(total - 8));
     memcpy(c, META_TAG, 8);
-    fs_put16(c + 8, FS_FORMAT_MAJOR);
+    fs_put16(c + 8, (uint16_t)major);
     fs_put16(c + 10, FS_FORMAT_MINOR);
-    fs_put32(c + 12, META_FIXED);
+    fs_put32(c + 12, fixed);
     fs_put32(c + 16, m->codec);
     fs_put32(c + 20, (uint32_t)m->level);
     fs_put32(c + 24, m->chunk_size);
@@ -99,9 +111,17 @@ void fs_encode_meta(uint8_t *buf, const struct fs_meta *m)
     fs_put64(c + 48, (uint64_t)m->created_ns);
     memcpy(c + 56, m->uuid, 16);
     if (m->name_len)
-        memcpy(c + META_FIXED, m->name, m->name_len);
+        memcpy(c + fixed, m->name, m->name_len);
     if (m->version_len)
-        memcpy(c + META_FIXED + m->name_len, m->version, m->version_len);
+        memcpy(c + fixed + m->name_len, m->version, m->version_len);
+    if (major == FS_FORMAT_MAJOR_CHANNELS) {
+        fs_put32(c + 72, m->channels);
+        uint8_t *table = c + fs_align_up(fixed + m->name_len + m->version_len, 8);
+        for (uint32_t i = 0; i < m->channels; i++) {
+            fs_put64(table + CHANNEL_REC * i, m->channel_len[i]);
+            fs_put64(table + CHANNEL_REC * i + 8, m->channel_chain[i]);
+        }
+    }
     fs_put64(c + hash_at, fs_digest(c, hash_at));
 }
 
@@ -119,7 +139,7 @@ int fs_decode_meta(const uint8_t *buf, size_t len, struct fs_meta *m, struct fs_
         return refuse(why, FS_ERR_CORRUPT, 0, "metadata checksum mismatch");
     m->major = fs_get16(c + 8);
     m->minor = fs_get16(c + 10);
-    if (m->major != FS_FORMAT_MAJOR)
+    if (m->major != FS_FORMAT_MAJOR && m->major != FS_FORMAT_MAJOR_CHANNELS)
         return refuse(why, FS_ERR_VERSION, 0, "metadata has an unsupported major version");
     fixed = fs_get32(c + 12);
     m->codec = fs_get32(c + 16);
@@ -138,17 +158,48 @@ int fs_decode_meta(const uint8_t *buf, size_t len, struct fs_meta *m, struct fs_
         return refuse(why, FS_ERR_CORRUPT, 0, "metadata field lengths out of range");
     m->name = (const char *)c + fixed;
     m->version = (const char *)c + fixed + m->name_len;
+    m->channels = 1;
+    if (m->major == FS_FORMAT_MAJOR) {
+        m->channel_len[0] = m->stream_len;
+        return 0;
+    }
+    if (fixed < META_FIXED2)
+        return refuse(why, FS_ERR_CORRUPT, 12, "metadata too short for a multi-channel image");
+    m->channels = fs_get32(c + 72);
+    /* one channel is always a major 1 image */
+    if (m->channels < 2 || m->channels > FS_CHANNELS_MAX || fs_get32(c + 76) != 0)
+        return refuse(why, FS_ERR_CORRUPT, 8 + 72, "metadata channel count out of range 2..64");
+    size_t table_at = fs_align_up(fixed + m->name_len + m->version_len, 8);
+    if (table_at + (size_t)CHANNEL_REC * m->channels + 8 != clen)
+        return refuse(why, FS_ERR_CORRUPT, 0, "metadata channel table does not fit its frame");
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < m->channels; i++) {
+        m->channel_len[i] = fs_get64(c + table_at + CHANNEL_REC * i);
+        m->channel_chain[i] = fs_get64(c + table_at + CHANNEL_REC * i + 8);
+        if (m->channel_len[i] > UINT64_MAX - total)
+            return refuse(why, FS_ERR_CORRUPT, 0, "metadata channel lengths overflow");
+        total += m->channel_len[i];
+    }
+    if (total != m->stream_len)
+        return refuse(why, FS_ERR_CORRUPT, 0, "metadata channel lengths do not add up to the stream length");
     return 0;
 }
 
-size_t fs_index_size(uint64_t count)
+uint32_t fs_entry_size(uint32_t major)
 {
-    return 8 + 16 + count * FS_INDEX_ENTRY_SIZE + 8;
+    return major == FS_FORMAT_MAJOR ? FS_INDEX_ENTRY_SIZE : FS_INDEX_ENTRY2_SIZE;
 }
 
-void fs_encode_index_head(uint8_t *buf, uint64_t count)
+size_t fs_index_size(uint64_t count, uint32_t major)
 {
-    put_skip_header(buf, (uint32_t)(fs_index_size(count) - 8));
+    return 8 + 16 + count * fs_entry_size(major) + 8;
+}
+
+/* The frame's content_len field is 32 bits: an index of more than 4 GiB
+ * (impossible within FS_CHUNKS_MAX) would not be describable. */
+void fs_encode_index_head(uint8_t *buf, uint64_t count, uint32_t major)
+{
+    put_skip_header(buf, (uint32_t)(fs_index_size(count, major) - 8));
     memcpy(buf + 8, INDEX_TAG, 8);
     fs_put64(buf + 16, count);
 }
@@ -164,22 +215,33 @@ int fs_decode_index_head(const uint8_t *buf, uint64_t frame_len, uint64_t count,
     return 0;
 }
 
-void fs_encode_entry(uint8_t *buf, const struct fs_entry *e)
+size_t fs_encode_entry(uint8_t *buf, const struct fs_entry *e, uint32_t major, uint32_t channel)
 {
     fs_put32(buf, e->raw_len);
     fs_put32(buf + 4, e->stored_len);
     fs_put32(buf + 8, e->flags);
     fs_put32(buf + 12, e->check);
     fs_put64(buf + 16, e->chain);
+    if (major == FS_FORMAT_MAJOR)
+        return FS_INDEX_ENTRY_SIZE;
+    fs_put32(buf + 24, channel);
+    fs_put32(buf + 28, 0);
+    return FS_INDEX_ENTRY2_SIZE;
 }
 
-void fs_decode_entry(const uint8_t *buf, struct fs_entry *e)
+/* 0, or -EBADMSG for reserved bytes that are not zero. */
+int fs_decode_entry(const uint8_t *buf, struct fs_entry *e, uint32_t major, uint32_t *channel)
 {
     e->raw_len = fs_get32(buf);
     e->stored_len = fs_get32(buf + 4);
     e->flags = fs_get32(buf + 8);
     e->check = fs_get32(buf + 12);
     e->chain = fs_get64(buf + 16);
+    *channel = 0;
+    if (major == FS_FORMAT_MAJOR)
+        return 0;
+    *channel = fs_get32(buf + 24);
+    return fs_get32(buf + 28) == 0 ? 0 : -EBADMSG;
 }
 
 void fs_encode_trailer(uint8_t *buf, const struct fs_trailer *t)
@@ -193,7 +255,10 @@ void fs_encode_trailer(uint8_t *buf, const struct fs_trailer *t)
     fs_put64(c + 32, t->trailer_offset);
     fs_put64(c + 40, t->prefix_hash);
     fs_put64(c + 48, t->final_chain);
-    fs_put16(c + 104, FS_FORMAT_MAJOR);
+    uint32_t major = t->channels > 1 ? FS_FORMAT_MAJOR_CHANNELS : FS_FORMAT_MAJOR;
+    if (major == FS_FORMAT_MAJOR_CHANNELS)
+        fs_put32(c + 56, t->channels);
+    fs_put16(c + 104, (uint16_t)major);
     fs_put16(c + 106, FS_FORMAT_MINOR);
     fs_put32(c + 108, TRAILER_CONTENT);
     memcpy(c + 112, TAIL_TAG, 8);
@@ -210,7 +275,7 @@ int fs_decode_trailer(const uint8_t *buf, struct fs_trailer *t, struct fs_why *w
                       "no trailer at the end of the file: the image is truncated or its end is damaged");
     t->major = fs_get16(c + 104);
     t->minor = fs_get16(c + 106);
-    if (t->major != FS_FORMAT_MAJOR)
+    if (t->major != FS_FORMAT_MAJOR && t->major != FS_FORMAT_MAJOR_CHANNELS)
         return refuse(why, FS_ERR_VERSION, 0, "unsupported image format major version");
     if (fs_get32(c + 108) != TRAILER_CONTENT || fs_get32(buf) != FS_SKIP_MAGIC ||
         fs_get32(buf + 4) != TRAILER_CONTENT)
@@ -223,7 +288,26 @@ int fs_decode_trailer(const uint8_t *buf, struct fs_trailer *t, struct fs_why *w
     t->trailer_offset = fs_get64(c + 32);
     t->prefix_hash = fs_get64(c + 40);
     t->final_chain = fs_get64(c + 48);
+    t->channels = t->major == FS_FORMAT_MAJOR ? 1 : fs_get32(c + 56);
+    if (t->major == FS_FORMAT_MAJOR_CHANNELS && (t->channels < 2 || t->channels > FS_CHANNELS_MAX))
+        return refuse(why, FS_ERR_CORRUPT, 8 + 56, "trailer channel count out of range 2..64");
     return 0;
+}
+
+/* The first FS_GUARD_SIZE payload bytes of a major 2 image: what libvirt's
+ * own restore would hand QEMU first (as is, or decoded by zstd). They are
+ * not QEMU's stream magic, so QEMU refuses the interleaved channels at once
+ * instead of reading one channel's bytes as the whole stream. */
+void fs_encode_guard(uint8_t *buf, uint32_t codec)
+{
+    memset(buf, 0, FS_GUARD_SIZE);
+    uint8_t *content = buf;
+    if (codec == FS_CODEC_ZSTD) {
+        size_t at = fs_raw_frame_header(buf, FS_GUARD_SIZE - 12);
+        fs_raw_block_header(buf + at, FS_GUARD_SIZE - 12, 1);
+        content = buf + at + 3;
+    }
+    memcpy(content, GUARD_TAG, 8);
 }
 
 /* A stored chunk inside a zstd image is a zstd frame of raw blocks:

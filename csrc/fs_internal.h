@@ -26,13 +26,17 @@
 #define FS_LV_FORMAT_ZSTD 5u
 
 #define FS_TRAILER_SIZE 128u          /* whole trailer frame, fixed */
-#define FS_INDEX_ENTRY_SIZE 24u
+#define FS_INDEX_ENTRY_SIZE 24u       /* major 1 */
+#define FS_INDEX_ENTRY2_SIZE 32u      /* major 2: and the chunk's channel */
+#define FS_GUARD_SIZE 4096u           /* major 2: payload bytes before the first chunk */
 #define FS_CHUNK_MIN ((uint32_t)FS_CHUNK_SIZE_MIN)
 #define FS_CHUNK_MAX ((uint32_t)FS_CHUNK_SIZE_MAX)
 #define FS_RAW_BLOCK_MAX (128u << 10)  /* zstd raw block limit */
 #define FS_CHAIN_SEED 0x6661737473617665ULL /* "fastsave" */
 
-/* Per-chunk index record; `chain` covers this and every earlier chunk. */
+/* Per-chunk index record; `chain` covers this and every earlier chunk of
+ * its channel. (The channel of a major 2 image's chunk is kept apart, one
+ * byte per chunk, so a single-channel index stays 24 bytes a chunk.) */
 struct fs_entry {
     uint32_t raw_len;
     uint32_t stored_len;
@@ -83,6 +87,8 @@ void fs_sync_wait(struct fs_sync *sync, pthread_cond_t *cv);
 /* hash.c: every hash of the format (XXH3-64) */
 uint64_t fs_digest(const void *data, size_t len);
 uint64_t fs_chain(uint64_t prev, uint64_t seq, uint64_t digest, uint32_t raw_len);
+uint64_t fs_channel_seed(uint32_t major, uint32_t channel); /* chain value before a channel's first chunk */
+uint64_t fs_image_chain(uint64_t prev, uint64_t i, uint64_t chain, uint32_t channel);
 struct fs_hash;                       /* incremental fs_digest of data given in pieces */
 struct fs_hash *fs_hash_new(void);
 void fs_hash_update(struct fs_hash *h, const void *data, size_t len);
@@ -111,13 +117,17 @@ struct fs_meta {
     uint8_t uuid[16];
     uint32_t name_len, version_len;
     const char *name, *version;       /* point into the encoded buffer when decoded */
+    uint32_t channels;                /* 1 in major 1 */
+    uint64_t channel_len[FS_CHANNELS_MAX];   /* major 2: each channel's stream length */
+    uint64_t channel_chain[FS_CHANNELS_MAX]; /* major 2: each channel's last chain value */
 };
 struct fs_trailer {
     uint32_t major, minor;
+    uint32_t channels;                /* major 2; 1 in major 1 */
     uint64_t payload_offset, meta_offset, index_offset, trailer_offset;
     uint64_t prefix_hash, final_chain;
 };
-#define FS_META_MAX (8u + 72u + FS_NAME_MAX + FS_VERSION_MAX + 16u) /* whole frame */
+#define FS_META_MAX (8u + 80u + FS_NAME_MAX + FS_VERSION_MAX + 16u * FS_CHANNELS_MAX + 16u) /* whole frame */
 #define FS_INDEX_HEAD_SIZE 24u        /* skippable header, tag, count */
 uint64_t fs_payload_offset(uint64_t xml_len);
 void fs_encode_prefix(uint8_t *buf, uint64_t payload_offset, uint32_t lv_format,
@@ -127,13 +137,16 @@ int fs_decode_lv_header(const uint8_t *buf, struct fs_lv_header *h, struct fs_wh
 size_t fs_meta_size(const struct fs_meta *m);
 void fs_encode_meta(uint8_t *buf, const struct fs_meta *m);
 int fs_decode_meta(const uint8_t *buf, size_t len, struct fs_meta *m, struct fs_why *why);
-size_t fs_index_size(uint64_t count);
-void fs_encode_index_head(uint8_t *buf, uint64_t count);
+uint32_t fs_entry_size(uint32_t major);
+size_t fs_index_size(uint64_t count, uint32_t major);
+void fs_encode_index_head(uint8_t *buf, uint64_t count, uint32_t major);
 int fs_decode_index_head(const uint8_t *buf, uint64_t frame_len, uint64_t count, struct fs_why *why);
-void fs_encode_entry(uint8_t *buf, const struct fs_entry *e);
-void fs_decode_entry(const uint8_t *buf, struct fs_entry *e);
+/* Major 2 entries carry the chunk's channel; a decoder refuses nonzero reserved bytes. */
+size_t fs_encode_entry(uint8_t *buf, const struct fs_entry *e, uint32_t major, uint32_t channel);
+int fs_decode_entry(const uint8_t *buf, struct fs_entry *e, uint32_t major, uint32_t *channel);
 void fs_encode_trailer(uint8_t *buf, const struct fs_trailer *t);
 int fs_decode_trailer(const uint8_t *buf, struct fs_trailer *t, struct fs_why *why);
+void fs_encode_guard(uint8_t *buf, uint32_t codec);   /* FS_GUARD_SIZE bytes */
 size_t fs_raw_frame_size(size_t raw_len);
 size_t fs_raw_frame_header(uint8_t *buf, size_t raw_len);
 void fs_raw_block_header(uint8_t *buf, size_t block_len, int last);
@@ -177,6 +190,9 @@ struct fs_image {
     uint64_t xml_len;
     uint8_t *meta_buf;
     struct fs_entry *entries;
+    uint8_t *channel_of;              /* major 2: each chunk's channel; NULL in major 1 */
+    uint64_t chunks_offset;           /* file offset of the first chunk */
+    uint64_t channel_count[FS_CHANNELS_MAX]; /* chunks of each channel */
     uint64_t count;
     uint64_t compressed;
 };
@@ -193,17 +209,29 @@ void fs_tmp_discard(int dir_fd, int fd, const char *tmp);
 /* entries.c: the index built while saving, 24 bytes per chunk */
 struct fs_index_build {
     struct fs_entry *e;
+    uint8_t *channel_of;              /* each chunk's channel, when channels > 1 */
     uint64_t count, cap;
     uint64_t max;                     /* FS_CHUNKS_MAX */
-    uint64_t chain;                   /* chain value of the last chunk added */
+    uint32_t major, channels;
+    uint64_t chain;                   /* major 1: chain value of the last chunk added */
+    uint64_t image_chain;             /* major 2: over the index in file order */
     uint64_t stream_len;
+    uint64_t channel_chain[FS_CHANNELS_MAX];
+    uint64_t channel_len[FS_CHANNELS_MAX];
+    uint64_t channel_count[FS_CHANNELS_MAX];
 };
-void fs_index_init(struct fs_index_build *b);
+void fs_index_init(struct fs_index_build *b, uint32_t channels);
 /* 0, -ENOMEM, or -EFBIG when the index already holds `max` chunks */
-int fs_index_add(struct fs_index_build *b, uint32_t raw_len, uint32_t stored_len, uint32_t flags,
-                 uint32_t check, uint64_t digest);
+int fs_index_add(struct fs_index_build *b, uint32_t channel, uint32_t raw_len, uint32_t stored_len,
+                 uint32_t flags, uint32_t check, uint64_t digest);
 int fs_index_fail(const struct fs_index_build *b, int rc, uint32_t chunk_size, struct fs_job *job);
 void fs_index_free(struct fs_index_build *b);
+
+/* restore.c: the buffers a restore needs at least, per channel, for an
+ * image's chunk size and codec (a writer never writes an image whose
+ * channels need more than FS_BUFFERS_MAX together) */
+#define FS_RESTORE_MIN_SLOTS 3u
+uint64_t fs_restore_slot_size(uint32_t chunk_size, int zstd);
 
 /* splice.c: zero-copy raw save when the input is a pipe. Sets *used to 0 and
  * returns 0 without having read anything when it does not apply (the input

@@ -21,6 +21,21 @@ uint64_t fs_chain(uint64_t prev, uint64_t seq, uint64_t digest, uint32_t raw_len
     return XXH3_64bits_withSeed(rec, sizeof rec, prev);
 }
 
+/* Major 1 chains its one channel from the plain seed; major 2 gives each
+ * channel its own start, so a chunk moved to another channel at the same
+ * position with the same bytes still changes that channel's chain. */
+uint64_t fs_channel_seed(uint32_t major, uint32_t channel)
+{
+    return major == FS_FORMAT_MAJOR ? FS_CHAIN_SEED : fs_chain(FS_CHAIN_SEED, UINT64_MAX, channel, 0);
+}
+
+/* The whole image's chain (major 2): each index entry in file order, by its
+ * channel and its channel's chain value (which covers its data). */
+uint64_t fs_image_chain(uint64_t prev, uint64_t i, uint64_t chain, uint32_t channel)
+{
+    return fs_chain(prev, i, chain, channel);
+}
+
 struct fs_hash {
     XXH3_state_t state;
 };

@@ -8,6 +8,9 @@
 #include <unistd.h>
 #include <zstd.h>
 
+_Static_assert(sizeof(((struct fs_image_info *)0)->channel_len) / sizeof(uint64_t) == FS_CHANNELS_MAX,
+               "fs_image_info has a length per channel");
+
 #define INDEX_BATCH 4096
 #define PREFIX_PIECE (1u << 20)        /* the header and XML region are hashed in pieces */
 
@@ -124,15 +127,49 @@ static int check_meta(struct fs_image *img, struct fs_job *job)
                                  : m->level < ZSTD_minCLevel() || m->level > ZSTD_maxCLevel())
         return fs_fail(job, FS_ERR_CORRUPT, EBADMSG, -1, at, "metadata zstd level %d out of range",
                        m->level);
+    if (m->major != t->major || m->channels != t->channels)
+        return refuse(job, FS_ERR_CORRUPT, at, "metadata and trailer disagree on the format or the channels");
+    /* Every channel is restored by its own pipeline: their least buffers
+     * must fit the limit together (a writer never writes an image where
+     * they do not). */
+    uint64_t least = (uint64_t)m->channels * FS_RESTORE_MIN_SLOTS *
+                     fs_restore_slot_size(m->chunk_size, m->codec == FS_CODEC_ZSTD);
+    if (least > FS_BUFFERS_MAX)
+        return fs_fail(job, FS_ERR_CORRUPT, EBADMSG, -1, at,
+                       "%u channels of chunk size %u need %llu MiB of buffers to restore, more than "
+                       "the limit of %llu MiB", m->channels, m->chunk_size,
+                       (unsigned long long)(least >> 20), (unsigned long long)(FS_BUFFERS_MAX >> 20));
+    return 0;
+}
+
+/* Major 2: the guard block that makes QEMU refuse the payload as one stream. */
+static int check_guard(struct fs_image *img, struct fs_job *job)
+{
+    const struct fs_trailer *t = &img->trailer;
+    img->chunks_offset = t->payload_offset;
+    if (t->major == FS_FORMAT_MAJOR)
+        return 0;
+    if (t->meta_offset - t->payload_offset < FS_GUARD_SIZE)
+        return refuse(job, FS_ERR_CORRUPT, (int64_t)t->payload_offset, "payload too short for its guard block");
+    uint8_t want[FS_GUARD_SIZE], got[FS_GUARD_SIZE];
+    fs_encode_guard(want, img->meta.codec);
+    int r = read_at(img->fd, got, FS_GUARD_SIZE, t->payload_offset, job);
+    if (r < 0)
+        return r;
+    if (memcmp(want, got, FS_GUARD_SIZE) != 0)
+        return refuse(job, FS_ERR_CORRUPT, (int64_t)t->payload_offset, "payload guard block damaged");
+    img->chunks_offset = t->payload_offset + FS_GUARD_SIZE;
     return 0;
 }
 
 /* One entry against the rules of its position; returns a reason or NULL. */
 static const char *check_entry(const struct fs_image *img, const struct fs_entry *e, uint64_t i,
-                               uint64_t count)
+                               uint64_t count, uint64_t len)
 {
     const struct fs_meta *m = &img->meta;
-    uint64_t want = i + 1 < count ? m->chunk_size : m->stream_len - (count - 1) * m->chunk_size;
+    if (i >= count)
+        return "more chunks than its channel's length";
+    uint64_t want = i + 1 < count ? m->chunk_size : len - (count - 1) * m->chunk_size;
     if (e->raw_len != want)
         return "chunk length does not match the stream length";
     if (e->flags & ~FS_ENTRY_COMPRESSED)
@@ -152,9 +189,15 @@ static int check_index(struct fs_image *img, struct fs_job *job)
     const struct fs_trailer *t = &img->trailer;
     const struct fs_meta *m = &img->meta;
     uint64_t len = t->trailer_offset - t->index_offset;
+    uint32_t esize = fs_entry_size(t->major);
     /* not (stream_len + chunk_size - 1) / chunk_size: that wraps for a stream_len
      * near 2^64 and makes a huge stream look like an empty one */
-    uint64_t count = m->stream_len / m->chunk_size + (m->stream_len % m->chunk_size != 0);
+    uint64_t count = 0;
+    for (uint32_t c = 0; c < m->channels; c++) {
+        uint64_t n = m->channel_len[c] / m->chunk_size + (m->channel_len[c] % m->chunk_size != 0);
+        img->channel_count[c] = n;
+        count += n; /* no wrap: n <= 2^48 (chunk_size >= 2^16), channels <= 64 */
+    }
     /* The index is held in memory: its size is bounded before anything is
      * allocated, whatever the (possibly sparse) file's size allows. */
     if (count > FS_CHUNKS_MAX)
@@ -163,8 +206,8 @@ static int check_index(struct fs_image *img, struct fs_job *job)
                        "limit of %u chunks per image",
                        (unsigned long long)m->stream_len, m->chunk_size, (unsigned long long)count,
                        (unsigned)FS_CHUNKS_MAX);
-    if (len < FS_INDEX_HEAD_SIZE + 8 || (len - FS_INDEX_HEAD_SIZE - 8) % FS_INDEX_ENTRY_SIZE ||
-        (len - FS_INDEX_HEAD_SIZE - 8) / FS_INDEX_ENTRY_SIZE != count)
+    if (len < FS_INDEX_HEAD_SIZE + 8 || (len - FS_INDEX_HEAD_SIZE - 8) % esize ||
+        (len - FS_INDEX_HEAD_SIZE - 8) / esize != count)
         return refuse(job, FS_ERR_CORRUPT, (int64_t)t->index_offset,
                       "index size does not match the stream length");
     uint8_t head[FS_INDEX_HEAD_SIZE];
@@ -176,20 +219,27 @@ static int check_index(struct fs_image *img, struct fs_job *job)
     if (r < 0)
         return refuse_decoded(job, r, &why, t->index_offset);
     img->entries = malloc((count ? count : 1) * sizeof *img->entries);
-    uint8_t *batch = malloc(INDEX_BATCH * FS_INDEX_ENTRY_SIZE);
+    if (t->major != FS_FORMAT_MAJOR)
+        img->channel_of = malloc(count ? count : 1);
+    uint8_t *batch = malloc(INDEX_BATCH * esize);
     struct fs_hash *hash = fs_hash_new();
-    if (!img->entries || !batch || !hash)
+    if (!img->entries || !batch || !hash || (t->major != FS_FORMAT_MAJOR && !img->channel_of))
         r = fs_fail(job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory for the index");
     if (r == 0)
         fs_hash_update(hash, head + 8, FS_INDEX_HEAD_SIZE - 8);
     for (uint64_t i = 0; r == 0 && i < count; i += INDEX_BATCH) {
         uint64_t n = count - i < INDEX_BATCH ? count - i : INDEX_BATCH;
-        r = read_at(img->fd, batch, n * FS_INDEX_ENTRY_SIZE,
-                    t->index_offset + FS_INDEX_HEAD_SIZE + i * FS_INDEX_ENTRY_SIZE, job);
+        r = read_at(img->fd, batch, n * esize, t->index_offset + FS_INDEX_HEAD_SIZE + i * esize, job);
         if (r == 0)
-            fs_hash_update(hash, batch, n * FS_INDEX_ENTRY_SIZE);
-        for (uint64_t j = 0; r == 0 && j < n; j++)
-            fs_decode_entry(batch + j * FS_INDEX_ENTRY_SIZE, &img->entries[i + j]);
+            fs_hash_update(hash, batch, n * esize);
+        for (uint64_t j = 0; r == 0 && j < n; j++) {
+            uint32_t channel;
+            int bad = fs_decode_entry(batch + j * esize, &img->entries[i + j], t->major, &channel);
+            if (bad || channel >= m->channels)
+                channel = FS_CHANNELS_MAX; /* refused below, once the checksum passed */
+            if (img->channel_of)
+                img->channel_of[i + j] = (uint8_t)channel;
+        }
     }
     uint8_t sum[8];
     if (r == 0)
@@ -202,20 +252,41 @@ static int check_index(struct fs_image *img, struct fs_job *job)
     if (r < 0)
         return r;
 
-    uint64_t stored = 0;
+    uint64_t stored = 0, seen[FS_CHANNELS_MAX] = {0}, image_chain = FS_CHAIN_SEED;
+    uint64_t last[FS_CHANNELS_MAX];
+    for (uint32_t c = 0; c < m->channels; c++)
+        last[c] = fs_channel_seed(t->major, c);
     for (uint64_t i = 0; i < count; i++) {
-        const char *why = check_entry(img, &img->entries[i], i, count);
+        uint32_t c = img->channel_of ? img->channel_of[i] : 0;
+        const struct fs_entry *e = &img->entries[i];
+        const char *why = c >= m->channels ? "channel out of range or reserved bytes set"
+                          : check_entry(img, e, seen[c], img->channel_count[c], m->channel_len[c]);
         if (why)
             return fs_fail(job, FS_ERR_CORRUPT, EBADMSG, (int64_t)i,
-                           (int64_t)(t->index_offset + FS_INDEX_HEAD_SIZE + i * FS_INDEX_ENTRY_SIZE),
+                           (int64_t)(t->index_offset + FS_INDEX_HEAD_SIZE + i * esize),
                            "index entry of chunk %llu: %s", (unsigned long long)i, why);
-        stored += img->entries[i].stored_len;
-        img->compressed += img->entries[i].flags & FS_ENTRY_COMPRESSED;
+        seen[c]++;
+        last[c] = e->chain;
+        image_chain = fs_image_chain(image_chain, i, e->chain, c);
+        stored += e->stored_len;
+        img->compressed += e->flags & FS_ENTRY_COMPRESSED;
     }
-    if (stored != t->meta_offset - t->payload_offset)
+    if (stored != t->meta_offset - img->chunks_offset)
         return refuse(job, FS_ERR_CORRUPT, (int64_t)t->meta_offset, "chunk sizes do not add up to the payload");
-    if ((count ? img->entries[count - 1].chain : FS_CHAIN_SEED) != t->final_chain)
-        return refuse(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset, "index does not end in the trailer's chain value");
+    if (t->major == FS_FORMAT_MAJOR) {
+        if (last[0] != t->final_chain)
+            return refuse(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset,
+                          "index does not end in the trailer's chain value");
+    } else {
+        /* each channel has all its chunks (check_entry refused any beyond) */
+        for (uint32_t c = 0; c < m->channels; c++)
+            if (seen[c] != img->channel_count[c] || last[c] != m->channel_chain[c])
+                return fs_fail(job, FS_ERR_CORRUPT, EBADMSG, -1, (int64_t)t->meta_offset,
+                               "channel %u: the index does not end in the metadata's chain value", c);
+        if (image_chain != t->final_chain)
+            return refuse(job, FS_ERR_CORRUPT, (int64_t)t->trailer_offset,
+                          "index does not end in the trailer's image chain value");
+    }
     img->count = count;
     return 0;
 }
@@ -259,6 +330,8 @@ int fs_image_open(int fd, struct fs_image *img, struct fs_job *job)
     if (r == 0)
         r = check_meta(img, job);
     if (r == 0)
+        r = check_guard(img, job);
+    if (r == 0)
         r = check_index(img, job);
     return r;
 }
@@ -267,8 +340,10 @@ void fs_image_close(struct fs_image *img)
 {
     free(img->meta_buf);
     free(img->entries);
+    free(img->channel_of);
     img->meta_buf = NULL;
     img->entries = NULL;
+    img->channel_of = NULL;
 }
 
 int fs_inspect(int image_fd, struct fs_image_info *info, struct fs_job *job)
@@ -287,6 +362,9 @@ int fs_inspect(int image_fd, struct fs_image_info *info, struct fs_job *job)
         info->was_running = m->was_running;
         info->auto_mode = m->auto_mode;
         info->stream_len = m->stream_len;
+        info->channels = m->channels;
+        for (uint32_t c = 0; c < m->channels; c++)
+            info->channel_len[c] = m->channel_len[c];
         info->chunk_count = img.count;
         info->chunks_compressed = img.compressed;
         info->payload_offset = img.trailer.payload_offset;

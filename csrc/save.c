@@ -1,9 +1,12 @@
-/* Save: stream in, image out.
+/* Save: streams in, image out.
  *
- * The calling thread reads chunks into a fixed ring of buffers; workers
- * hash and compress them; one writer thread folds the chain and appends to
- * the image in order. In auto mode the reader stores a chunk uncompressed
- * whenever the workers are backed up, so the producer never waits on them.
+ * A reader per channel (the calling thread when there is one) fills buffers
+ * from a fixed pool with chunks of its channel; a chunk takes its place in
+ * the file when it is complete, so no channel waits on another's input.
+ * Workers hash and compress chunks; one writer thread folds the chains and
+ * appends to the image in that order. In auto mode the reader stores a chunk
+ * uncompressed whenever the workers are backed up, so the producer never
+ * waits on them.
  */
 #include "fs_internal.h"
 
@@ -21,12 +24,15 @@
 #define DEFAULT_LEVEL 1
 #define SINK_CAP (4u << 20)
 
-/* FREE -> QUEUED (for a worker) or READY (store as is) -> BUSY (worker) -> READY -> FREE.
+/* FREE -> FILLING (a reader) -> QUEUED (for a worker) or READY (store as is)
+ * -> BUSY (worker) -> READY -> FREE.
  * TAKEN: the writer took a queued chunk back to store it as is. */
-enum { SLOT_FREE, SLOT_QUEUED, SLOT_BUSY, SLOT_READY, SLOT_TAKEN };
+enum { SLOT_FREE, SLOT_FILLING, SLOT_QUEUED, SLOT_BUSY, SLOT_READY, SLOT_TAKEN };
 
 struct slot {
     uint8_t *in, *out;
+    uint32_t id;                      /* index in the pool */
+    uint32_t channel;
     uint32_t in_len, out_len;
     int state;
     int compressed;
@@ -42,17 +48,31 @@ struct save {
     struct fs_sync sync;
     struct slot *slots;
     uint32_t nslots, nworkers;
+    uint32_t channels;
+    const int *in_fds;
     size_t out_cap;
+    uint32_t *free_ids;               /* slots no reader or chunk holds: a FIFO ring, so that
+                                         every buffer is used in turn as in a plain ring */
+    uint64_t free_head;
+    uint32_t nfree;
+    struct slot **order;              /* seq (file order) -> its slot, for seqs in flight */
     uint64_t *queue;                  /* seqs waiting for a worker, FIFO ring */
     uint64_t q_head, q_tail;
-    uint64_t next_fill, next_write, end_seq;
-    int eof;
+    uint64_t next_fill, next_write;   /* next seq to hand on / to write */
+    uint32_t readers_left;            /* channels not at EOF yet */
     int zstd_format;
     struct fs_sink sink;
     struct fs_index_build index;
 };
 
-static struct slot *slot_of(struct save *s, uint64_t seq) { return &s->slots[seq % s->nslots]; }
+static struct slot *slot_of(struct save *s, uint64_t seq) { return s->order[seq % s->nslots]; }
+
+/* Lock held: the slot goes back to the pool; the caller wakes cv_free. */
+static void release(struct save *s, struct slot *sl)
+{
+    sl->state = SLOT_FREE;
+    s->free_ids[(s->free_head + s->nfree++) % s->nslots] = sl->id;
+}
 
 static void *worker_main(void *arg)
 {
@@ -75,7 +95,7 @@ static void *worker_main(void *arg)
     }
     pthread_mutex_lock(&s->sync.mu);
     for (;;) {
-        while (!s->sync.stop && s->q_head == s->q_tail && !s->eof)
+        while (!s->sync.stop && s->q_head == s->q_tail && s->readers_left)
             fs_sync_wait(&s->sync, &s->sync.cv_work);
         if (s->sync.stop || s->q_head == s->q_tail)
             break;
@@ -106,7 +126,7 @@ static void *worker_main(void *arg)
         pthread_cond_t *wake = NULL;
         if (sl->owners) { /* the writer stored it meanwhile: the last one out frees it */
             if (--sl->owners == 0) {
-                sl->state = SLOT_FREE;
+                release(s, sl);
                 wake = &s->sync.cv_free;
             }
         } else {
@@ -165,7 +185,7 @@ static int write_chunk(struct save *s, struct slot *sl, int as_is)
     }
     if (r < 0)
         return r;
-    r = fs_index_add(&s->index, sl->in_len, stored, flags, check, digest);
+    r = fs_index_add(&s->index, sl->channel, sl->in_len, stored, flags, check, digest);
     if (r < 0)
         return fs_index_fail(&s->index, r, s->opts->chunk_size, s->job);
     fs_stat_add(&s->job->stats.chunks, 1);
@@ -179,18 +199,25 @@ static void *writer_main(void *arg)
     uint64_t cpu0 = fs_thread_cpu_ns();
     pthread_mutex_lock(&s->sync.mu);
     for (;;) {
-        struct slot *sl = slot_of(s, s->next_write);
+        struct slot *sl = NULL;
         int take = 0;
-        while (!s->sync.stop && sl->state != SLOT_READY && !(s->eof && s->next_write == s->end_seq)) {
-            /* Auto mode never lets compression hold up the producer: once the
-             * ring is (nearly) full, the writer stores this chunk as is. */
-            take = s->opts->mode == FS_MODE_AUTO && s->next_fill - s->next_write + 1 >= s->nslots &&
-                   (sl->state == SLOT_QUEUED || sl->state == SLOT_BUSY);
-            if (take)
-                break;
+        while (!s->sync.stop) {
+            if (s->next_write < s->next_fill) {
+                struct slot *next = slot_of(s, s->next_write);
+                /* Auto mode never lets compression hold up the producer: once
+                 * no buffer is free, the writer stores this chunk as is. */
+                take = s->opts->mode == FS_MODE_AUTO && s->nfree == 0 &&
+                       (next->state == SLOT_QUEUED || next->state == SLOT_BUSY);
+                if (next->state == SLOT_READY || take) {
+                    sl = next;
+                    break;
+                }
+            } else if (s->readers_left == 0) {
+                break; /* every channel at EOF and every chunk written */
+            }
             fs_sync_wait(&s->sync, &s->sync.cv_ready);
         }
-        if (s->sync.stop || (s->eof && s->next_write == s->end_seq && !take))
+        if (s->sync.stop || !sl)
             break;
         int busy = take && sl->state == SLOT_BUSY;
         if (take && !busy)
@@ -205,7 +232,7 @@ static void *writer_main(void *arg)
             break;
         }
         if (!busy || --sl->owners == 0)
-            sl->state = SLOT_FREE;
+            release(s, sl);
         s->next_write++;
         pthread_cond_broadcast(&s->sync.cv_free);
     }
@@ -214,61 +241,88 @@ static void *writer_main(void *arg)
     return NULL;
 }
 
-/* The calling thread: read chunks, route each to a worker or straight to the writer. */
-static void read_loop(struct save *s, int in_fd)
+struct reader {
+    struct save *s;
+    uint32_t channel;
+};
+
+/* A channel's reader: fill a free buffer with the next chunk of its channel;
+ * only a complete chunk (or the last, at EOF) gets the next place in the
+ * file, and goes to a worker or straight to the writer. */
+static void *read_loop(void *arg)
 {
+    struct reader *self = arg;
+    struct save *s = self->s;
+    int in_fd = s->in_fds[self->channel];
     uint64_t cpu0 = fs_thread_cpu_ns();
-    uint64_t input_wait = 0;
     for (;;) {
         pthread_mutex_lock(&s->sync.mu);
-        struct slot *sl = slot_of(s, s->next_fill);
         uint64_t t0 = fs_now_ns();
-        if (sl->state != SLOT_FREE)
+        if (s->nfree == 0)
             pthread_cond_broadcast(&s->sync.cv_ready); /* the writer may take over (auto) */
-        while (!s->sync.stop && sl->state != SLOT_FREE)
+        while (!s->sync.stop && s->nfree == 0)
             fs_sync_wait(&s->sync, &s->sync.cv_free);
         fs_stat_add(&s->job->stats.producer_blocked_ns, fs_now_ns() - t0);
         int stop = s->sync.stop;
+        struct slot *sl = NULL;
+        if (!stop) {
+            sl = &s->slots[s->free_ids[s->free_head++ % s->nslots]];
+            s->nfree--;
+            sl->state = SLOT_FILLING;
+        }
         pthread_mutex_unlock(&s->sync.mu);
         if (stop)
             break;
 
+        uint64_t input_wait = 0;
         ssize_t k = fs_read_full(in_fd, sl->in, s->opts->chunk_size, s->job, &input_wait,
                                  &s->job->stats.bytes_in);
-        fs_stat_set(&s->job->stats.input_wait_ns, input_wait);
+        fs_stat_add(&s->job->stats.input_wait_ns, input_wait);
         if (k < 0) {
-            if (k != -ECANCELED)
-                fs_fail(s->job, FS_ERR_IO, (int)-k, (int64_t)s->next_fill, -1,
-                        "reading the stream: %s", strerror((int)-k));
+            if (k != -ECANCELED) {
+                if (s->channels == 1)
+                    fs_fail(s->job, FS_ERR_IO, (int)-k, (int64_t)s->next_fill, -1,
+                            "reading the stream: %s", strerror((int)-k));
+                else
+                    fs_fail(s->job, FS_ERR_IO, (int)-k, -1, -1, "reading channel %u: %s",
+                            self->channel, strerror((int)-k));
+            }
             fs_sync_stop(&s->sync);
             break;
         }
         pthread_mutex_lock(&s->sync.mu);
         if (k == 0) {
-            s->eof = 1;
-            s->end_seq = s->next_fill;
-            pthread_cond_broadcast(&s->sync.cv_work);
-            pthread_cond_broadcast(&s->sync.cv_ready);
+            release(s, sl);
+            pthread_cond_broadcast(&s->sync.cv_free);
             pthread_mutex_unlock(&s->sync.mu);
             break;
         }
         sl->in_len = (uint32_t)k;
+        sl->channel = self->channel;
         sl->compressed = 0;
         sl->digested = 0;
+        uint64_t seq = s->next_fill++;
+        s->order[seq % s->nslots] = sl;
         int compress = s->opts->mode == FS_MODE_ZSTD ||
                        (s->opts->mode == FS_MODE_AUTO && s->q_tail - s->q_head < s->nworkers);
         if (compress) {
             sl->state = SLOT_QUEUED;
-            s->queue[s->q_tail++ % s->nslots] = s->next_fill;
+            s->queue[s->q_tail++ % s->nslots] = seq;
             pthread_cond_signal(&s->sync.cv_work);
         } else {
             sl->state = SLOT_READY;
             pthread_cond_broadcast(&s->sync.cv_ready);
         }
-        s->next_fill++;
         pthread_mutex_unlock(&s->sync.mu);
     }
+    pthread_mutex_lock(&s->sync.mu);
+    if (--s->readers_left == 0) {
+        pthread_cond_broadcast(&s->sync.cv_work);
+        pthread_cond_broadcast(&s->sync.cv_ready);
+    }
+    pthread_mutex_unlock(&s->sync.mu);
     fs_stat_add(&s->job->stats.reader_cpu_ns, fs_thread_cpu_ns() - cpu0);
+    return NULL;
 }
 
 static int check_opts(const struct fs_save_opts *opts, struct fs_job *job)
@@ -319,16 +373,33 @@ static int plan_ring(struct save *s)
     uint64_t out_cap = workers ? ZSTD_compressBound(opts->chunk_size) : 0;
     uint64_t per_slot = opts->chunk_size + fs_align_up(out_cap, FS_ALIGN);
     uint64_t per_worker = 0;
+    uint64_t n = s->channels;
+    if (n > 1) {
+        /* a reader never writes an image it could not restore within the limit */
+        uint64_t restore = n * FS_RESTORE_MIN_SLOTS * fs_restore_slot_size(opts->chunk_size, s->zstd_format);
+        if (restore > FS_BUFFERS_MAX)
+            return fs_fail(s->job, FS_ERR_ARG, EINVAL, -1, -1,
+                           "%llu channels with chunk_size %u need %llu MiB of buffers to restore, "
+                           "more than the limit of %llu MiB; use fewer channels or smaller chunks",
+                           (unsigned long long)n, opts->chunk_size, MIB(restore), MIB(FS_BUFFERS_MAX));
+    }
     if (workers)
         per_worker = ZSTD_estimateCCtxSize_usingCParams(ZSTD_getCParams(opts->level, opts->chunk_size, 0));
-    while (workers > 1 && (workers + 2) * per_slot + workers * per_worker > FS_BUFFERS_MAX)
+    /* the least ring: a buffer per worker, one per channel's reader, one for the writer */
+    while (workers > 1 && (workers + 1 + n) * per_slot + workers * per_worker > FS_BUFFERS_MAX)
         workers--;
-    uint64_t least = (workers + 2) * per_slot + workers * per_worker;
+    uint64_t least = (workers + 1 + n) * per_slot + workers * per_worker;
     if (least > FS_BUFFERS_MAX)
-        return fs_fail(s->job, FS_ERR_ARG, EINVAL, -1, -1,
-                       "zstd level %d with chunk_size %u needs %llu MiB of buffers and compressor "
-                       "state, more than the limit of %llu MiB",
-                       opts->level, opts->chunk_size, MIB(least), MIB(FS_BUFFERS_MAX));
+        return n == 1
+            ? fs_fail(s->job, FS_ERR_ARG, EINVAL, -1, -1,
+                      "zstd level %d with chunk_size %u needs %llu MiB of buffers and compressor "
+                      "state, more than the limit of %llu MiB",
+                      opts->level, opts->chunk_size, MIB(least), MIB(FS_BUFFERS_MAX))
+            : fs_fail(s->job, FS_ERR_ARG, EINVAL, -1, -1,
+                      "%llu channels with zstd level %d and chunk_size %u need %llu MiB of buffers "
+                      "and compressor state, more than the limit of %llu MiB",
+                      (unsigned long long)n, opts->level, opts->chunk_size, MIB(least),
+                      MIB(FS_BUFFERS_MAX));
     uint64_t room = (FS_BUFFERS_MAX - workers * per_worker) / per_slot;
     uint64_t nslots;
     if (opts->slots) {
@@ -347,11 +418,12 @@ static int plan_ring(struct save *s)
         nslots = 3 * workers + 4;
         if (opts->mode == FS_MODE_AUTO && nslots < deep)
             nslots = deep;
+        nslots += 2 * (n - 1); /* each further channel: the chunk it fills and one more */
         if (nslots > room)
             nslots = room;
     }
-    if (nslots < workers + 2)
-        nslots = workers + 2;
+    if (nslots < workers + 1 + n)
+        nslots = workers + 1 + n;
     s->nworkers = (uint32_t)workers;
     s->nslots = (uint32_t)nslots;
     s->out_cap = (size_t)out_cap;
@@ -371,6 +443,11 @@ static int write_prefix(struct save *s, uint64_t *payload_offset, uint64_t *pref
     *payload_offset = off;
     int r = fs_sink_append(&s->sink, buf, off);
     free(buf);
+    if (r == 0 && s->channels > 1) {
+        uint8_t guard[FS_GUARD_SIZE];
+        fs_encode_guard(guard, s->zstd_format ? FS_CODEC_ZSTD : FS_CODEC_RAW);
+        r = fs_sink_append(&s->sink, guard, sizeof guard);
+    }
     return r < 0 ? r : fs_sink_flush(&s->sink);
 }
 
@@ -389,10 +466,14 @@ static int write_tail(struct save *s, uint64_t payload_offset, uint64_t prefix_h
         .version_len = opts->version ? (uint32_t)strlen(opts->version) : 0,
         .name = opts->name,
         .version = opts->version,
+        .channels = s->channels,
     };
     memcpy(m.uuid, opts->uuid, 16);
+    memcpy(m.channel_len, s->index.channel_len, sizeof m.channel_len);
+    memcpy(m.channel_chain, s->index.channel_chain, sizeof m.channel_chain);
     struct fs_trailer t = {.payload_offset = payload_offset, .prefix_hash = prefix_hash,
-                           .final_chain = s->index.chain};
+                           .channels = s->channels,
+                           .final_chain = s->channels > 1 ? s->index.image_chain : s->index.chain};
     t.meta_offset = fs_sink_pos(&s->sink);
     size_t meta_size = fs_meta_size(&m);
     uint8_t meta_buf[FS_META_MAX];
@@ -402,17 +483,19 @@ static int write_tail(struct save *s, uint64_t payload_offset, uint64_t prefix_h
         return r;
 
     t.index_offset = fs_sink_pos(&s->sink);
-    uint8_t head[FS_INDEX_HEAD_SIZE], rec[FS_INDEX_ENTRY_SIZE], sum[8];
+    uint8_t head[FS_INDEX_HEAD_SIZE], rec[FS_INDEX_ENTRY2_SIZE], sum[8];
+    uint32_t major = s->index.major;
     struct fs_hash *hash = fs_hash_new();
     if (!hash)
         return fs_fail(s->job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory");
-    fs_encode_index_head(head, s->index.count);
+    fs_encode_index_head(head, s->index.count, major);
     fs_hash_update(hash, head + 8, sizeof head - 8);
     r = fs_sink_append(&s->sink, head, sizeof head);
     for (uint64_t i = 0; r == 0 && i < s->index.count; i++) {
-        fs_encode_entry(rec, &s->index.e[i]);
-        fs_hash_update(hash, rec, sizeof rec);
-        r = fs_sink_append(&s->sink, rec, sizeof rec);
+        size_t n = fs_encode_entry(rec, &s->index.e[i], major,
+                                   s->index.channel_of ? s->index.channel_of[i] : 0);
+        fs_hash_update(hash, rec, n);
+        r = fs_sink_append(&s->sink, rec, n);
     }
     fs_put64(sum, fs_hash_digest(hash));
     fs_hash_free(hash);
@@ -429,14 +512,21 @@ static int write_tail(struct save *s, uint64_t payload_offset, uint64_t prefix_h
 }
 
 /* Returns 0 or -errno; the ring was sized by plan_ring. */
-static int run_pipeline(struct save *s, int in_fd)
+static int run_pipeline(struct save *s)
 {
     const struct fs_save_opts *opts = s->opts;
     s->slots = calloc(s->nslots, sizeof *s->slots);
     s->queue = calloc(s->nslots, sizeof *s->queue);
-    if (!s->slots || !s->queue)
+    s->order = calloc(s->nslots, sizeof *s->order);
+    s->free_ids = calloc(s->nslots, sizeof *s->free_ids);
+    if (!s->slots || !s->queue || !s->order || !s->free_ids)
         return fs_fail(s->job, FS_ERR_NOMEM, ENOMEM, -1, -1, "out of memory for buffers");
+    for (uint32_t i = 0; i < s->nslots; i++)
+        s->free_ids[i] = i;
+    s->nfree = s->nslots;
+    s->readers_left = s->channels;
     for (uint32_t i = 0; i < s->nslots; i++) {
+        s->slots[i].id = i;
         s->slots[i].in = fs_aligned_alloc(opts->chunk_size);
         s->slots[i].out = s->out_cap ? fs_aligned_alloc(s->out_cap) : NULL;
         if (!s->slots[i].in || (s->out_cap && !s->slots[i].out))
@@ -450,12 +540,32 @@ static int run_pipeline(struct save *s, int in_fd)
     for (uint32_t i = 0; writer_started && i < s->nworkers; i++, started++)
         if (pthread_create(&workers[i], NULL, worker_main, s) != 0)
             break;
+    struct reader readers[FS_CHANNELS_MAX];
+    pthread_t reader_threads[FS_CHANNELS_MAX];
+    uint32_t readers_started = 0;
     if (!writer_started || started < s->nworkers) {
         fs_fail(s->job, FS_ERR_NOMEM, EAGAIN, -1, -1, "cannot start threads");
         fs_sync_stop(&s->sync);
+    } else if (s->channels == 1) {
+        readers[0] = (struct reader){.s = s, .channel = 0};
+        read_loop(&readers[0]);
     } else {
-        read_loop(s, in_fd);
+        /* a thread per channel: each channel is read as fast as it comes,
+         * whatever the others do (QEMU blocks one channel while it waits for
+         * another to drain) */
+        for (; readers_started < s->channels; readers_started++) {
+            readers[readers_started] = (struct reader){.s = s, .channel = readers_started};
+            if (pthread_create(&reader_threads[readers_started], NULL, read_loop,
+                               &readers[readers_started]) != 0)
+                break;
+        }
+        if (readers_started < s->channels) {
+            fs_fail(s->job, FS_ERR_NOMEM, EAGAIN, -1, -1, "cannot start threads");
+            fs_sync_stop(&s->sync);
+        }
     }
+    for (uint32_t i = 0; i < readers_started; i++)
+        pthread_join(reader_threads[i], NULL);
     for (uint32_t i = 0; i < started; i++)
         pthread_join(workers[i], NULL);
     if (writer_started)
@@ -473,6 +583,8 @@ static void free_pipeline(struct save *s)
     }
     free(s->slots);
     free(s->queue);
+    free(s->order);
+    free(s->free_ids);
 }
 
 static int is_pipe(int fd)
@@ -481,8 +593,8 @@ static int is_pipe(int fd)
     return fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode);
 }
 
-int fs_save(int in_fd, int dir_fd, const char *name, const struct fs_save_opts *opts,
-            struct fs_job *job)
+int fs_save_channels(const int *in_fds, int n, int dir_fd, const char *name,
+                     const struct fs_save_opts *opts, struct fs_job *job)
 {
     uint64_t t0 = fs_now_ns();
     struct save s;
@@ -490,11 +602,17 @@ int fs_save(int in_fd, int dir_fd, const char *name, const struct fs_save_opts *
     s.opts = opts;
     s.job = job;
     s.zstd_format = opts->mode != FS_MODE_RAW;
-    fs_index_init(&s.index);
+    s.in_fds = in_fds;
+    s.channels = n >= 1 && n <= FS_CHANNELS_MAX ? (uint32_t)n : 1;
+    fs_index_init(&s.index, s.channels);
     fs_sync_init(&s.sync, job);
 
     char tmp[512];
-    int fd = -1, r = check_opts(opts, job);
+    int fd = -1, r = 0;
+    if (n < 1 || n > FS_CHANNELS_MAX || !in_fds)
+        r = fs_fail(job, FS_ERR_ARG, EINVAL, -1, -1, "channels %d out of range 1..%d", n, FS_CHANNELS_MAX);
+    if (r == 0)
+        r = check_opts(opts, job);
     if (r == 0)
         r = plan_ring(&s);
     if (r == 0)
@@ -510,14 +628,15 @@ int fs_save(int in_fd, int dir_fd, const char *name, const struct fs_save_opts *
     uint64_t payload_offset = 0, prefix_hash = 0;
     if (r == 0)
         r = write_prefix(&s, &payload_offset, &prefix_hash);
-    if (r == 0 && is_pipe(in_fd))
-        fs_grow_pipe(in_fd);
+    for (uint32_t c = 0; r == 0 && c < s.channels; c++)
+        if (is_pipe(in_fds[c]))
+            fs_grow_pipe(in_fds[c]);
     if (r == 0) {
         int spliced = 0;
-        if (opts->mode == FS_MODE_RAW && opts->allow_splice && !s.sink.direct)
-            r = fs_save_raw_splice(in_fd, &s.sink, opts->chunk_size, &s.index, &spliced, job);
+        if (opts->mode == FS_MODE_RAW && opts->allow_splice && !s.sink.direct && s.channels == 1)
+            r = fs_save_raw_splice(in_fds[0], &s.sink, opts->chunk_size, &s.index, &spliced, job);
         if (!spliced)
-            r = run_pipeline(&s, in_fd);
+            r = run_pipeline(&s);
         fs_stat_set32(&job->stats.spliced, (uint32_t)spliced);
     }
     if (r == 0)
@@ -538,6 +657,12 @@ int fs_save(int in_fd, int dir_fd, const char *name, const struct fs_save_opts *
     if (r < 0 && !fs_failed(job))
         fs_fail(job, FS_ERR_IO, -r, -1, -1, "save failed: %s", strerror(-r));
     return r < 0 ? (job->error.err ? -job->error.err : -EIO) : 0;
+}
+
+int fs_save(int in_fd, int dir_fd, const char *name, const struct fs_save_opts *opts,
+            struct fs_job *job)
+{
+    return fs_save_channels(&in_fd, 1, dir_fd, name, opts, job);
 }
 
 int fs_default_level(void) { return DEFAULT_LEVEL; }

@@ -20,7 +20,7 @@ struct hasher {
  * wait); the hasher then drains its pipe so that tee never blocks on it. */
 static int add_chunk(struct hasher *h, const uint8_t *buf, size_t n)
 {
-    int r = fs_index_add(h->index, (uint32_t)n, (uint32_t)n, 0, 0, fs_digest(buf, n));
+    int r = fs_index_add(h->index, 0, (uint32_t)n, (uint32_t)n, 0, 0, fs_digest(buf, n));
     if (r < 0)
         return fs_index_fail(h->index, r, h->chunk_size, h->job);
     fs_stat_add(&h->job->stats.chunks, 1);

@@ -94,7 +94,7 @@ def _cleanup(created: list, store_dir: str | None, uri: str | None = None) -> No
                 if d.isActive():
                     d.destroy()
                 if d.isPersistent():
-                    d.undefine()
+                    d.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
                 break
             except libvirt.libvirtError as e:
                 if attempt == 2 or uri is None or e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:

@@ -2,8 +2,9 @@
 
 usage (from the repository root):
     .venv/bin/python -m benchmarks.scoreboard [--quick] [--rounds N] [--guests KEYS]
-                                              [--out-name STEM] [--[no-]readme]
-                                              [--report-only JSON]
+                                              [--only CONTENDERS] [--list]
+                                              [--out-name STEM] [--out-dir DIR]
+                                              [--[no-]readme] [--report-only JSON]
 
 Every contender saves and restores the same test guest (tests/guest, its RAM
 filled with deterministic guest-like data), in rounds that alternate the
@@ -21,7 +22,11 @@ contenders (A B C ... A B C ...). Contenders:
   installed libvirt (`libvirt.getVersion()`) does not offer are left out of the
   run with the reason printed and recorded;
 - fastsave `managed_save(dom, mode=M, direct=D)` for M in raw, zstd, auto and
-  D in True, False; restore is `fastsave.start(dom)`;
+  D in True, False; restore is `fastsave.start(dom)`; fastsave's default
+  (`mode="auto"`) and zstd with its default I/O, each also with
+  `channels=1, 2, 4` (QEMU's multifd; the count that is fastsave's default
+  is the default row itself, run once). Where fastsave has no `channels`
+  option the multi-channel rows are listed as not available, with why;
 - two limits: QEMU migrating into a pipe drained to /dev/null (producer) and
   QEMU taking an incoming migration from a stream held in memory (consumer).
 
@@ -47,6 +52,16 @@ root: running guests, timing one contender), runner (the agents, alternating
 rounds), stats (medians, phases, ratios, targets), markdown (tables, PASS/MISS,
 the report), plot (the chart), readme (the README's results blocks), __main__
 (the command line).
+
+Targets (stats.targets, per stack, on the 1.5 GiB guest or the largest guest
+with data that ran): fastsave's default save <= 0.7x libvirt's fastest save
+of any format or channel count, its image <= 0.85x libvirt's raw one;
+fastsave zstd's save <= 0.5x libvirt zstd's (else libvirt's fastest
+compressed format, said so) with an image no larger; fastsave's default
+restore <= 0.7x libvirt's fastest restore of its own image; the engine's
+peak RSS flat in guest size. A MISS carries a line on where the time went
+(the phases). stats.channel_scaling: stream throughput per channel for 1, 2,
+4 channels, and a projection for 16 and 64 cores (marked as such).
 """
 from __future__ import annotations
 

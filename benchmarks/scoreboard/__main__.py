@@ -16,19 +16,23 @@ from .markdown import render
 from .plot import plot
 from .readme import update_readme
 from .runner import Runner
-from .stats import scaling, summarize, targets
+from .contenders import BY_KEY, CONTENDERS, available
+from .stats import channel_scaling, scaling, summarize, targets
 
 
-def write_outputs(data: dict[str, Any], stem: str, readme: bool) -> list[dict[str, Any]]:
+def write_outputs(data: dict[str, Any], stem: str, readme: bool,
+                  out: Path = RESULTS) -> list[dict[str, Any]]:
     summ = summarize(data)
     scal = scaling(data, summ)
-    tg = targets(summ, scal)
-    data["summary"], data["scaling"], data["targets"] = summ, scal, tg
-    RESULTS.mkdir(exist_ok=True)
-    md, section = render(data, summ, scal, tg, f"{stem}.png")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(md)
-    plot(data, summ, scal, RESULTS / f"{stem}.png")
+    chan = channel_scaling(data, summ)
+    tg = targets(summ, scal, data)
+    data["summary"], data["scaling"], data["channel_scaling"], data["targets"] = summ, scal, chan, tg
+    out.mkdir(parents=True, exist_ok=True)
+    # the rounds first: a report that fails can be rebuilt with --report-only
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    md, section = render(data, summ, scal, tg, f"{stem}.png", chan)
+    (out / f"{stem}.md").write_text(md)
+    plot(data, summ, scal, out / f"{stem}.png")
     if readme:
         update_readme(section, stem)
     return tg
@@ -49,6 +53,13 @@ def main() -> int:
     ap.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None,
                     help="put the results into README.md's results section (its own block per "
                          "STEM; default: only for a full run and for --out-name)")
+    ap.add_argument("--only", metavar="KEYS",
+                    help="comma-separated contenders to run (see --list), e.g. "
+                         "fastsave-default,libvirt-raw")
+    ap.add_argument("--list", action="store_true",
+                    help="list the contenders, which this stack can run and why not, and exit")
+    ap.add_argument("--out-dir", metavar="DIR", type=Path, default=RESULTS,
+                    help=f"where STEM.{{md,json,png}} go (default {RESULTS})")
     ap.add_argument("--agent", metavar="ROOT", help=argparse.SUPPRESS)
     ap.add_argument("--format", help=argparse.SUPPRESS)
     ap.add_argument("--report-only", metavar="JSON",
@@ -59,6 +70,24 @@ def main() -> int:
     guests = args.guests.split(",") if args.guests else None
     if guests and any(k not in GUESTS for k in guests):
         ap.error(f"--guests: known guests are {', '.join(GUESTS)}")
+    only = args.only.split(",") if args.only else None
+    if only and any(k not in BY_KEY for k in only):
+        ap.error(f"--only: unknown {', '.join(k for k in only if k not in BY_KEY)} (see --list)")
+    if args.list:
+        import libvirt
+
+        run, left, offers = available(libvirt.getVersion(), only)
+        keys = {c.key for c in run}
+        dch = offers["default_channels"]
+        print(f"fastsave's default channel count: {dch if dch else 'chosen per save'}")
+        for c in CONTENDERS:
+            if only and c.key not in only:
+                continue
+            state = ("run" if c.key in keys else
+                     f"= {offers['same_as'][c.key]} (fastsave's default channel count)"
+                     if c.key in offers["same_as"] else f"not available: {left.get(c.key, '?')}")
+            print(f"{c.key:24} {c.label:40} {state}")
+        return 0
     if args.report_only:
         data = json.loads(Path(args.report_only).read_text())
         for k in ("summary", "scaling", "targets"):
@@ -68,17 +97,21 @@ def main() -> int:
             print("the scoreboard runs QEMU guests on the embedded libvirt driver: run it as root",
                   file=sys.stderr)
             return 2
-        runner = Runner(args.quick, args.rounds, guests)
+        runner = Runner(args.quick, args.rounds, guests, only)
         data = runner.run()
     stem = args.out_name or ("compare-quick" if data["meta"]["quick"] else "compare")
-    readme = args.readme if args.readme is not None else bool(args.out_name) or not data["meta"]["quick"]
-    tg = write_outputs(data, stem, readme)
+    readme = args.readme if args.readme is not None else (
+        args.out_dir.resolve() == RESULTS.resolve()  # results elsewhere: not the README's
+        and (bool(args.out_name) or not data["meta"]["quick"]))
+    tg = write_outputs(data, stem, readme, args.out_dir)
     if not args.report_only:
         runner.say("done")
     print()
     for t in tg:
         print(t["line"])
-    print(f"\nwritten: {RESULTS / (stem + '.md')}, .json, .png"
+        if t.get("why"):
+            print("    " + t["why"])
+    print(f"\nwritten: {args.out_dir / (stem + '.md')}, .json, .png"
           + (f"; README section in {README}" if readme else ""))
     fails = [r for r in data["rounds"] if not r.get("ok")]
     return 1 if fails else 0

@@ -46,6 +46,7 @@ class Agent:
     def __init__(self, root: str, fmt: str | None) -> None:
         import fastsave
         import fastsave.connect
+        import fastsave.engine
         import fastsave.trace
         import libvirt
 
@@ -235,6 +236,7 @@ class Agent:
             res["save_stats"] = self.engine_stats["save"]
         if path is None:
             path = self.fastsave_image(dom)
+            res.update(self._image_streams(path))
         st = path.stat()
         res["image_bytes"] = st.st_size
         res["image_alloc_bytes"] = st.st_blocks * 512
@@ -259,7 +261,9 @@ class Agent:
                                          SAVE_PARAM_PARALLEL_CHANNELS: params["channels"]},
                                         params["flags"])
             else:
-                self.fastsave.start(dom, **{k: v for k, v in params.items() if k != "mode"})
+                # a restore follows the image (its mode and channels)
+                self.fastsave.start(dom, **{k: v for k, v in params.items()
+                                            if k not in ("mode", "channels")})
         finally:
             t1 = time.perf_counter()
             watch.stop()
@@ -277,6 +281,15 @@ class Agent:
         if kind == "libvirt-params":  # a plain save file stays; libvirt's managed one is removed
             path.unlink(missing_ok=True)
         return res
+
+    def _image_streams(self, path: Path) -> dict[str, Any]:
+        """What the image says of its streams: how many (QEMU's main stream
+        and one per multifd channel; 1 = a single-stream save) and the
+        bytes of QEMU's stream each holds."""
+        info = self.fastsave.engine.inspect(str(path))
+        lengths = list(getattr(info, "channel_lengths", ()) or (info.stream_length,))
+        return {"image_streams": getattr(info, "channels", 1), "stream_bytes": info.stream_length,
+                "channel_stream_bytes": lengths}
 
     def _migrate_out(self, dom: Any, fd: int) -> tuple[float, dict[str, Any]]:
         """getfd + migrate on a paused domain; polls until QEMU reports the end.

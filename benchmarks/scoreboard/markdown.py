@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contenders import BASE, BY_KEY, CONTENDERS, RAW
+from .contenders import BASE, BY_KEY, CONTENDERS, DEFAULT, RAW, ZSTD_DEFAULT
 from .guests import MAIN_GUEST
-from .stats import ratio
+from .stats import (COPIES_PER_BYTE, MEM_THREADS_MAX, default_channels, ratio,
+                    streams_to_channels)
+
+# suffixes for the rows that are fastsave's defaults ("[default: 2 ch]"), set by render
+MARKS: dict[str, str] = {}
+
+
+def label(key: str) -> str:
+    return BY_KEY[key].label + MARKS.get(key, "")
 
 
 def f2(v: float | None, spec: str = ".2f") -> str:
@@ -41,7 +49,7 @@ def contender_table(summ_g: dict[str, Any]) -> list[str]:
         inproc = s.get("inproc_hwm_growth_kib")
         spread, rspread = _range(s, "save_s"), _range(s, "restore_s")
         out.append(
-            f"| {c.label} | {f2(s.get('save_s'))}{spread} | {f2(ratio(s.get('save_s'), base.get('save_s')))} "
+            f"| {label(c.key)} | {f2(s.get('save_s'))}{spread} | {f2(ratio(s.get('save_s'), base.get('save_s')))} "
             f"| {f2(s.get('save_returned_s') if c.kind.startswith('libvirt') else None)} "
             f"| {f2(s.get('restore_s'))}{rspread} | {f2(ratio(s.get('restore_s'), base.get('restore_s')))} "
             f"| {size_txt} | {f2(ratio(s.get('image_bytes'), raw.get('image_bytes')), '.3f')} "
@@ -63,7 +71,7 @@ def phase_table(summ_g: dict[str, Any]) -> list[str]:
             continue
         p = s.get("phases", {})
         out.append(
-            f"| {c.label} | {f2(s.get('save_s'))} | {f2(p.get('prepare'))} | {f2(p.get('stream'))} "
+            f"| {label(c.key)} | {f2(s.get('save_s'))} | {f2(p.get('prepare'))} | {f2(p.get('stream'))} "
             f"| {f2(p.get('durable'))} | {f2(p.get('teardown'))} | {f2(p.get('destroy'))} "
             f"| {f2(p.get('qemu_exit'))} | {f2(p.get('sync'))} | {f2(s.get('restore_s'))} "
             f"| {f2(p.get('r_qemu_start'))} "
@@ -82,7 +90,7 @@ def stats_table(summ_g: dict[str, Any]) -> list[str]:
             if not st:
                 continue
             out.append(
-                f"| {c.label} | {which.split('_')[0]} | {f2(st.get('wall'))} | {f2(st.get('input_wait'))} "
+                f"| {label(c.key)} | {which.split('_')[0]} | {f2(st.get('wall'))} | {f2(st.get('input_wait'))} "
                 f"| {f2(st.get('producer_blocked'))} | {f2(st.get('output_wait'))} "
                 f"| {f2(st.get('worker_cpu'))} | {f2(st.get('chunks_compressed'), '.0f')}/"
                 f"{f2(st.get('chunks_stored'), '.0f')} | {st.get('direct')} | {st.get('spliced')} |")
@@ -105,6 +113,68 @@ def scaling_table(scal: dict[str, Any]) -> list[str]:
     out.append(f"| slope per GiB of RAM (mixed guests, least squares) | | | {f2(sl['producer_s'], '.3f')} s "
                f"| {f2(sl['fs_save_s'], '.3f')} s | {f2(sl['fs_rss_mib'], '.2f')} MiB "
                f"| {f2(sl['lv_save_s'], '.3f')} s | {f2(sl['lv_rss_mib'], '.2f')} MiB | |")
+    return out
+
+
+def channel_table(chan: dict[str, Any], gkey: str, ref: dict[str, Any]) -> list[str]:
+    """fastsave's 1, 2, 4 channel rows of one guest: stream throughput in
+    total and per channel, and each row against the targets' references."""
+    rows = [r for r in chan["rows"] if r["guest"] == gkey]
+    if not rows:
+        return []
+    out = ["| mode | channels | row | image streams | QEMU stream MB (per channel) | save s "
+           "| save stream MB/s total / per channel (window) | x 1 ch | restore s "
+           "| restore MB/s total / per channel (window) | x 1 ch | save / target ref "
+           "| restore / target ref |",
+           "|---|---:|---|---:|---|---:|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        per = r.get("channel_stream_bytes") or []
+        per_txt = " + ".join(f"{b / 1e6:.0f}" for b in per) if len(per) > 1 else ""
+        sref = ref.get("save_auto" if r["mode"] == "auto" else "save_zstd")
+        out.append(
+            f"| {r['mode']} | {r['channels']} | {label(r['key'])} "
+            f"| {f2(r['image_streams'], '.0f')} "
+            f"| {f2(r['stream_bytes'] / 1e6 if r['stream_bytes'] else None, '.0f')}"
+            f"{f' ({per_txt})' if per_txt else ''} | {f2(r['save_s'])} "
+            f"| {f2(r['save_mb_s'], '.0f')} / {f2(r['save_mb_s_per_channel'], '.0f')} "
+            f"({r['save_window']}) | {f2(r['save_speedup'])} | {f2(r['restore_s'])} "
+            f"| {f2(r['restore_mb_s'], '.0f')} / {f2(r['restore_mb_s_per_channel'], '.0f')} "
+            f"({r['restore_window']}) | {f2(r['restore_speedup'])} "
+            f"| {f2(ratio(r['save_s'], sref[1]) if sref else None, '.3f')}"
+            f"{f' (<= {sref[2]:g})' if sref else ''} "
+            f"| {f2(ratio(r['restore_s'], ref['restore'][1]) if ref.get('restore') else None, '.3f')}"
+            f"{' (<= 0.7)' if ref.get('restore') else ''} |")
+    return out
+
+
+def projection_table(chan: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    proj = chan.get("projection") or []
+    if not proj:
+        return ["(no 1-channel row with a stream time: nothing to project from)"]
+    disk = meta.get("disk") or {}
+    out = [
+        "**Projection, not a measurement.** From the target guest's 1-channel rows of this run: "
+        "stream MB/s = the smallest of (channels = cores / 2, each as fast as the one channel "
+        "measured here: half the cores for QEMU's multifd threads, half for fastsave's engine); "
+        "(cores / CPU seconds per MB of stream, all processes on the machine, measured here); "
+        "(this machine's disk, O_DIRECT "
+        f"write {f2(disk.get('write_mb_s'), '.0f')} MB/s / read {f2(disk.get('read_mb_s'), '.0f')} "
+        "MB/s, one sequential stream, times stream / image for what compression saves); "
+        f"(memory: one thread's memcpy {f2(meta.get('mem_copy_mb_s'), '.0f')} MB/s x "
+        f"min(cores, {MEM_THREADS_MAX}) / {COPIES_PER_BYTE} copies of each byte). It assumes QEMU's "
+        "multifd threads and the engine scale until one of these runs out, a disk as fast as "
+        "this one (a big host's array is usually faster: the disk term then grows with it), "
+        "and no other load.", "",
+        "| mode | op | cores | channels | per channel MB/s | bound: channels | CPU | disk | memory "
+        "| projected MB/s | bound by | s per GiB of stream |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for p in proj:
+        b = p["bounds"]
+        out.append(
+            f"| {p['mode']} | {p['op']} | {p['cores']} | {p['channels']} | {p['per_channel_mb_s']:.0f} "
+            f"| {f2(b.get('channels'), '.0f')} | {f2(b.get('CPU'), '.0f')} | {f2(b.get('disk'), '.0f')} "
+            f"| {f2(b.get('memory'), '.0f')} | {p['mb_s']:.0f} | {p['bound_by']} "
+            f"| {p['s_per_gib_stream']:.2f} |")
     return out
 
 
@@ -134,10 +204,30 @@ def floors(data: dict[str, Any], summ: dict[str, Any]) -> list[str]:
     return [line.rstrip() for line in out] + [""] if out else []
 
 
+def _marks(data: dict[str, Any], summ: dict[str, Any]) -> dict[str, str]:
+    """" [default: N ch]" for fastsave's default rows (N from the image when
+    fastsave chooses per save)."""
+    dch = default_channels(data)
+    out = {}
+    for key in (DEFAULT, ZSTD_DEFAULT):
+        n = dch
+        if n is None:
+            seen = {streams_to_channels(sg[key].get("image_streams")) for sg in summ.values()
+                    if key in sg} - {None}
+            n = "/".join(str(x) for x in sorted(seen)) or "?"
+            out[key] = f" [default: {n} ch, chosen per save]"
+        else:
+            out[key] = f" [default: {n} ch]"
+    return out
+
+
 def render(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any],
-           tg: list[dict[str, Any]], png_name: str) -> tuple[str, str]:
+           tg: list[dict[str, Any]], png_name: str,
+           chan: dict[str, Any] | None = None) -> tuple[str, str]:
     m = data["meta"]
     g = data["guests"]
+    MARKS.clear()
+    MARKS.update(_marks(data, summ))
     head = [
         "# fastsave vs libvirt managed save" + (" (quick run: smoke only)" if m["quick"] else ""),
         "",
@@ -210,10 +300,14 @@ def render(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any],
     ]
     left = data.get("skipped") or {}
     if left:
-        head += ["Left out on this stack: " + "; ".join(
+        head += ["Not available on this stack: " + "; ".join(
             f"{BY_KEY[k].label} ({why})" for k, why in left.items()) + ".", ""]
+    if m.get("only"):
+        head += [f"Contenders chosen for this run (`--only`): {', '.join(m['only'])}.", ""]
     body: list[str] = []
-    targets_block = ["```", *[t["line"] for t in tg], "```", "", *floors(data, summ)]
+    targets_block = ["```", *[ln for t in tg for ln in ([t["line"]] + (["    "
+                                                                      + t["why"]] if t.get("why") else []))],
+                     "```", "", *floors(data, summ)]
     main_tables: list[str] = []
     for gkey in data["guests"]:
         if gkey not in summ:
@@ -241,6 +335,25 @@ def render(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any],
                 *phase_table(summ[gkey]), "",
                 "fastsave engine Stats (medians):", "", *stats_table(summ[gkey]), "",
             ]
+    if chan and chan.get("rows"):
+        ref = _target_refs(tg)
+        body += ["## Channels: fastsave's stream over 1, 2 and 4 channels", "",
+                 "QEMU's multifd: N channels = QEMU's main stream plus N memory channels, an image "
+                 "of N + 1 streams (1 channel = the single migration stream of before). Stream MB = "
+                 "the QEMU stream the image holds (its streams' lengths in brackets); MB/s = that "
+                 "over the stream's time: QEMU's `migrate` to `completed` (fastsave's trace hook) "
+                 "or, where the hook reported nothing, from the call until the engine child was "
+                 "done (\"to durable\", an upper bound on the stream's time, so a lower bound on "
+                 "its rate); per channel = total / N. \"x 1 ch\" is the total against the same "
+                 "mode's 1-channel row. The last two columns put each row against the targets' "
+                 "references (libvirt's fastest save and restore; for zstd libvirt's zstd or "
+                 f"fastest compressed save); the target counts for the default row. This machine: "
+                 f"{m.get('cpus')} CPUs.", ""]
+        for gkey in data["guests"]:
+            tbl = channel_table(chan, gkey, ref)
+            if tbl:
+                body += [f"### {g[gkey]['label']} (`{gkey}`)", "", *tbl, ""]
+        body += ["### Projection for 16 and 64 cores", "", *projection_table(chan, m), ""]
     scal_tbl = scaling_table(scal)
     body += ["## Scaling with guest size", "",
              "fastsave default (auto; O_DIRECT save, page-cache restore) and libvirt BYPASS_CACHE; the idle guest is "
@@ -268,7 +381,14 @@ def render(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any],
             "Save = until the image is durable; ratios against libvirt BYPASS_CACHE (times) and "
             "libvirt's raw image (sizes).", "",
             *(main_tables[2:] if main_tables else ["(no data for the 1.5 GiB guest)", ""]),
-            *([("Left out on this stack: " + "; ".join(f"{BY_KEY[k].label} ({why})"
+            "Targets (per stack; under each MISS, where the time or the bytes go):", "",
+            "```", *[ln for t in tg for ln in ([t["line"]] + (["    " + t["why"]]
+                                                           if t.get("why") else []))], "```", "",
+            *(["Channels (1.5 GiB guest; per-channel throughput and the 16/64-core projection "
+               f"in `benchmarks/results/{png_name[:-4]}.md`):", "",
+               *channel_table(chan, MAIN_GUEST, _target_refs(tg)), ""]
+              if chan and channel_table(chan, MAIN_GUEST, _target_refs(tg)) else []),
+            *([("Not available on this stack: " + "; ".join(f"{BY_KEY[k].label} ({why})"
                                                          for k, why in left.items()) + "."), ""]
               if left else []),
             *(["Failed rounds: " + "; ".join(f"{BY_KEY[r['contender']].label}: {r.get('error')}"
@@ -285,3 +405,13 @@ def render(data: dict[str, Any], summ: dict[str, Any], scal: dict[str, Any],
         *main_tables, "### Scaling", "", *scal_tbl, "", "### Targets", "", *targets_block, "",
         "![save, restore, size, RSS](benchmarks/results/compare.png)", ""])
     return md, readme
+
+
+def _target_refs(tg: list[dict[str, Any]]) -> dict[str, tuple[str, float, float]]:
+    """The references of the time targets, from their checks: {"save_auto",
+    "save_zstd", "restore": (label, reference seconds, limit)}."""
+    out: dict[str, tuple[str, float, float]] = {}
+    for t in tg:
+        if t.get("role") and t.get("ref_s"):
+            out[t["role"]] = (t["label"], t["ref_s"], t["limit"])
+    return out

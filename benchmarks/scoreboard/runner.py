@@ -21,7 +21,7 @@ from ..reaper import orphan_reap_delay, wrap as under_reaper
 from . import GIB, REPO, WORK
 from .contenders import BY_KEY, SAVER_KINDS, SKIP, Contender, available
 from .guests import FULL_GUESTS, GUESTS, QUICK_GUESTS, Guest, guest_xml, without_fill, write_fills
-from .machine import disk_speed, fs_type, os_name
+from .machine import disk_speed, fs_type, memory_copy_speed, os_name
 from .stats import helper_rss_kib
 
 OP_TIMEOUT = 900.0
@@ -89,11 +89,12 @@ class AgentProc:
 
 class Runner:
     def __init__(self, quick: bool, rounds: int | None = None,
-                 guests: list[str] | None = None) -> None:
+                 guests: list[str] | None = None, only: list[str] | None = None) -> None:
         self.quick = quick
         self.rounds_override = rounds
         self.guest_keys = guests or (QUICK_GUESTS if quick else FULL_GUESTS)
-        self.contenders, self.skipped = available(libvirt.getVersion())
+        self.only = only
+        self.contenders, self.skipped, self.fastsave_offers = available(libvirt.getVersion(), only)
         self.t_start = time.monotonic()
         self.load_start = os.getloadavg()
         self.agents: dict[str, AgentProc] = {}
@@ -230,6 +231,8 @@ class Runner:
         self.disk = disk_speed(WORK)
         self.say(f"disk with O_DIRECT: write {self.disk['write_mb_s']:.0f} MB/s, "
                  f"read {self.disk['read_mb_s']:.0f} MB/s")
+        self.mem_copy = memory_copy_speed()
+        self.say(f"memory copy (memcpy, one thread): {self.mem_copy:.0f} MB/s")
         self.reap_delay = orphan_reap_delay()
         self.say(f"this machine's init reaps an orphan after {self.reap_delay:.2f} s; "
                  "the agents reap their QEMUs at once")
@@ -237,7 +240,9 @@ class Runner:
         self.say(f"libvirt {self.info['libvirt']}, QEMU {self.info['qemu']}: "
                  f"{len(self.contenders)} contenders")
         for key, why in self.skipped.items():
-            self.say(f"   left out: {BY_KEY[key].label} ({key}): {why}")
+            self.say(f"   not available: {BY_KEY[key].label} ({key}): {why}")
+        dch = self.fastsave_offers["default_channels"]
+        self.say(f"fastsave's default channel count: {dch if dch else 'chosen per save'}")
         try:
             for g in guests:
                 n = self.rounds_for(g)
@@ -281,6 +286,10 @@ class Runner:
                                                           * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
                 "work_dir": str(WORK), "fs": fs_type(WORK), **self.info,
                 "init_reap_delay_s": round(self.reap_delay, 3), "disk": self.disk,
+                "mem_copy_mb_s": self.mem_copy, "only": self.only,
+                "fastsave_default_channels": self.fastsave_offers["default_channels"],
+                "fastsave_channels_missing": self.fastsave_offers["channels_missing"],
+                "same_as": self.fastsave_offers["same_as"],
                 "duration_s": round(time.monotonic() - self.t_start, 1),
                 "load_avg_start": self.load_start, "load_avg_end": os.getloadavg(),
             },

@@ -9,7 +9,19 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+src"
 
-from .engine import ImageInfo, Job, Stats, VerifyReport, cleanup, inspect, restore_stream, save_stream, verify
+from .engine import (
+    EngineOptions,
+    ImageInfo,
+    Job,
+    Stats,
+    VerifyReport,
+    cleanup,
+    inspect,
+    restore_stream,
+    save_stream,
+    usable_cpus,
+    verify,
+)
 from .errors import (
     Cancelled,
     FastsaveError,
@@ -22,12 +34,13 @@ from .errors import (
 
 # The libvirt layer imports libvirt-python; engine-only users need not have it.
 _MANAGED = ("managed_save", "has_managed_save_image", "managed_save_remove", "start",
-            "autostart", "Options", "image_store")
+            "autostart", "Options", "image_store", "managed_save_get_xml_desc",
+            "managed_save_define_xml")
 
 
 def __getattr__(name: str) -> object:
     if name == "autostart":
-        from .bulk import autostart
+        from .hostwide import autostart
         return autostart
     if name in _MANAGED:
         from . import managed
@@ -45,6 +58,8 @@ __all__ = [
     "prepare_embed_root",
     "save_stream",
     "restore_stream",
+    "EngineOptions",
+    "usable_cpus",
     "verify",
     "inspect",
     "cleanup",

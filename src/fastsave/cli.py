@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 the operation failed; 2 bad usage; 3 some domains
 failed (save-all, restore-all, autostart); 4 an image failed verification.
-Errors print one line unless --debug is given.
+Errors print one line unless --debug is given. The options --uri, --json,
+--debug, --readonly and --image-dir may be given before or after the verb.
+Domains are named by name, UUID or id, as with virsh.
 """
 
 from __future__ import annotations
@@ -29,15 +31,19 @@ def _conn(args: argparse.Namespace, readonly: bool = False) -> Any:
     from .connect import open_connection
     if not args.debug:  # libvirt would print every error itself; ours says it once
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    return open_connection(args.uri, readonly=readonly)
+    return open_connection(args.uri, readonly=readonly or getattr(args, "readonly", False))
 
 
 def _domain(conn: Any, ident: str) -> Any:
+    """By id (a number), UUID or name, in virsh's order."""
     import libvirt
-    for lookup in (conn.lookupByName, conn.lookupByUUIDString):
+    lookups = [conn.lookupByUUIDString, conn.lookupByName]
+    if ident.isdigit():
+        lookups.insert(0, lambda i: conn.lookupByID(int(i)))
+    for lookup in lookups:
         try:
             return lookup(ident)
-        except libvirt.libvirtError:
+        except (libvirt.libvirtError, OverflowError):
             continue
     from .virt import fail
     raise fail(libvirt.VIR_ERR_NO_DOMAIN, f"Domain not found: {ident}")
@@ -67,9 +73,29 @@ def cmd_save(args: argparse.Namespace) -> int:
         | (libvirt.VIR_DOMAIN_SAVE_PAUSED if args.paused else 0)
     conn = _conn(args)
     for ident in args.domain:
-        managed_save(_domain(conn, ident), flags, options=_options(args))
+        dom = _domain(conn, ident)
+        if args.verbose:
+            from .progress import JobProgress
+            with JobProgress("Managed save", _save_percent(dom)):
+                managed_save(dom, flags, options=_options(args))
+        else:
+            managed_save(dom, flags, options=_options(args))
         _out(args, {"domain": ident, "saved": True}, f"Domain '{ident}' state saved by fastsave")
     return 0
+
+
+def _save_percent(dom: Any) -> Any:
+    """How far QEMU's migration into the image is, as virsh computes it from
+    the job's remaining and total RAM."""
+    from .virt import qmp
+
+    def percent() -> float | None:
+        ram = (qmp(dom, "query-migrate") or {}).get("ram") or {}
+        total, remaining = ram.get("total"), ram.get("remaining")
+        if not total or remaining is None:
+            return None
+        return (1.0 - remaining / total) * 100
+    return percent
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -104,10 +130,12 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def _bulk_out(args: argparse.Namespace, report: Any) -> int:
+    for w in report.warnings:
+        print(f"fastsave: warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps({
             "ok": report.ok, "seconds": round(report.seconds, 3), "bytes": report.total_bytes,
-            "mb_per_s": round(report.mb_per_s, 1),
+            "mb_per_s": round(report.mb_per_s, 1), "warnings": report.warnings,
             "domains": [{"name": r.name, "uuid": r.uuid, "ok": r.ok, "action": r.action,
                          "error": r.error, "seconds": round(r.seconds, 3), "bytes": r.bytes,
                          "image_bytes": r.image_bytes} for r in report.results]}))
@@ -129,21 +157,55 @@ def _bulk(args: argparse.Namespace, verb: str, run: Any) -> int:
     return _bulk_out(args, report)
 
 
+def _host_settings(args: argparse.Namespace) -> Any:
+    """--settings FILE (the systemd unit's /etc/default/fastsave): its values
+    fill what the command line leaves unset; None without --settings."""
+    from .config import load_host_settings
+    if not getattr(args, "settings", None):
+        return None
+    hs, warnings = load_host_settings(args.settings)
+    for w in warnings:
+        print(f"fastsave: warning: {w}", file=sys.stderr)
+    if hs.uri and args.uri in (None, os.environ.get("FASTSAVE_URI", DEFAULT_URI)):
+        args.uri = hs.uri
+    for name in ("mode", "level", "threads", "image_dir", "parallel"):
+        if getattr(args, name, None) is None and getattr(hs, name) is not None:
+            setattr(args, name, getattr(hs, name))
+    if getattr(args, "direct", None) is None and hs.bypass_cache:
+        args.direct = True
+    return hs
+
+
+def _pick(flag: Any, hs: Any, field: str, default: Any) -> Any:
+    """A command-line value, else the settings file's, else `default`."""
+    if flag is not None:
+        return flag
+    return getattr(hs, field) if hs is not None else default
+
+
 def cmd_save_all(args: argparse.Namespace) -> int:
-    from .bulk import save_all
+    from .hostwide import save_all
+    hs = _host_settings(args)
+    on_shutdown = _pick(args.on_shutdown, hs, "on_shutdown", "save")
+    timeout = _pick(args.timeout, hs, "shutdown_timeout", None)
+    on_timeout = _pick(args.on_timeout, hs, "on_timeout", None)
     conn = _conn(args)
-    return _bulk(args, "save", lambda on_start: save_all(
+    return _bulk(args, "save" if on_shutdown == "save" else "shutdown", lambda on_start: save_all(
         conn, names=args.domain or None, match=args.match, parallel=args.parallel,
-        timeout=args.timeout, on_timeout=args.on_timeout, options=_options(args),
-        on_start=on_start))
+        timeout=timeout or None, on_timeout=on_timeout, on_shutdown=on_shutdown,
+        record=args.record, options=_options(args), on_start=on_start))
 
 
 def cmd_restore_all(args: argparse.Namespace) -> int:
-    from .bulk import restore_all
+    from .hostwide import restore_all
+    hs = _host_settings(args)
+    on_boot = _pick(getattr(args, "on_boot", None), hs, "on_boot", "start")
+    start_delay = _pick(getattr(args, "start_delay", None), hs, "start_delay", 0.0)
     conn = _conn(args)
     return _bulk(args, "restore", lambda on_start: restore_all(
         conn, include_all=args.all, names=args.domain or None, match=args.match,
-        parallel=args.parallel, options=_options(args), on_start=on_start))
+        parallel=args.parallel, options=_options(args), on_start=on_start,
+        boot=getattr(args, "boot", False), on_boot=on_boot, start_delay=start_delay))
 
 
 def cmd_autostart(args: argparse.Namespace) -> int:
@@ -151,13 +213,13 @@ def cmd_autostart(args: argparse.Namespace) -> int:
     return cmd_restore_all(args)
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def _image_rows(conn: Any, image_dir: str | None) -> list[dict[str, Any]]:
+    """Every image in the store, checked (header to trailer), bad ones with their error."""
     import time as _time
 
     from . import engine
     from .managed import image_store
-    conn = _conn(args, readonly=True)
-    with image_store(conn, args.image_dir) as store:
+    with image_store(conn, image_dir) as store:
         images = store.list_images()
     rows = []
     for uuid, path in images:
@@ -170,6 +232,62 @@ def cmd_list(args: argparse.Namespace) -> int:
             row = {"name": "?", "uuid": uuid, "bytes": os.path.getsize(path), "age_s": None,
                    "codec": None, "was_running": None, "ok": False, "error": str(e)}
         rows.append(row)
+    return rows
+
+
+# virsh's names of libvirt's domain states
+_STATES = {0: "no state", 1: "running", 2: "idle", 3: "paused", 4: "in shutdown",
+           5: "shut off", 6: "crashed", 7: "pmsuspended"}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """virsh list: running domains by default; "saved" for a shut-off domain
+    with a saved state (fastsave's, or libvirt's own)."""
+    if args.images:
+        return _list_images(args)
+    import libvirt
+
+    from .managed import has_managed_save_image
+    conn = _conn(args, readonly=True)
+    images = {r["uuid"]: r for r in _image_rows(conn, args.image_dir)}
+    rows = []
+    for dom in conn.listAllDomains(0):
+        active = dom.isActive()
+        if not (args.all or (args.inactive and not active) or (not args.inactive and active)):
+            continue
+        saved = False
+        if not active:
+            saved = bool(has_managed_save_image(dom, options=_options(args))) \
+                or bool(dom.hasManagedSaveImage(0))
+        if (args.with_managed_save and not saved) or (args.without_managed_save and saved):
+            continue
+        state = dom.state()[0]
+        row = {"id": dom.ID() if active else None, "name": dom.name(), "uuid": dom.UUIDString(),
+               "state": "saved" if saved and state == libvirt.VIR_DOMAIN_SHUTOFF
+               else _STATES.get(state, "unknown"), "managed_save": saved}
+        image = images.get(row["uuid"])
+        if saved and image is not None:
+            row["image"] = {k: v for k, v in image.items() if k not in ("name", "uuid")}
+        rows.append(row)
+    rows.sort(key=lambda r: (r["id"] is None, r["id"] or 0, r["name"]))
+    if args.json:
+        print(json.dumps(rows))
+    elif (args.name or args.uuid) and not args.table:
+        for r in rows:
+            print(" ".join(r[k] for k, want in (("uuid", args.uuid), ("name", args.name)) if want))
+    else:
+        print(f" {'Id':<4} {'Name':<31} State")
+        print("-" * 48)
+        for r in rows:
+            ident = "-" if r["id"] is None else str(r["id"])
+            print(f" {ident:<4} {r['name']:<31} {r['state']}")
+        print()
+    return 0
+
+
+def _list_images(args: argparse.Namespace) -> int:
+    """The images in the store, with sizes and ages (list --images)."""
+    rows = _image_rows(_conn(args, readonly=True), args.image_dir)
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -215,6 +333,78 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_flags(args: argparse.Namespace) -> int:
+    import libvirt
+    return (libvirt.VIR_DOMAIN_SAVE_RUNNING if args.running else 0) \
+        | (libvirt.VIR_DOMAIN_SAVE_PAUSED if args.paused else 0)
+
+
+def cmd_dumpxml(args: argparse.Namespace) -> int:
+    """virsh managedsave-dumpxml."""
+    import libvirt
+
+    from .managed import managed_save_get_xml_desc
+    conn = _conn(args, readonly=not args.security_info)
+    flags = libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE if args.security_info else 0
+    xml = managed_save_get_xml_desc(_domain(conn, args.domain), flags, options=_options(args))
+    _out(args, {"domain": args.domain, "xml": xml}, xml.rstrip("\n"))
+    return 0
+
+
+def cmd_define(args: argparse.Namespace) -> int:
+    """virsh managedsave-define."""
+    from .managed import managed_save_define_xml
+    with open(args.file, encoding="utf-8") as f:
+        xml = f.read()
+    conn = _conn(args)
+    managed_save_define_xml(_domain(conn, args.domain), xml, _state_flags(args),
+                            options=_options(args))
+    _out(args, {"domain": args.domain, "defined": True},
+         f"Managed save state file of domain '{args.domain}' updated.")
+    return 0
+
+
+def _editor() -> list[str]:
+    """The caller's $VISUAL or $EDITOR (else vi), as virsh picks it: the
+    editor runs as the caller, on a private copy of the saved XML."""
+    import shlex
+    return shlex.split(os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi")
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """virsh managedsave-edit: the secure XML in a private temp dir (0700,
+    the file 0600), the caller's editor, define when it changed."""
+    import subprocess
+    import tempfile
+
+    import libvirt
+
+    from .managed import managed_save_define_xml, managed_save_get_xml_desc
+    conn = _conn(args)
+    dom = _domain(conn, args.domain)
+    opts = _options(args)
+    xml = managed_save_get_xml_desc(dom, libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE, options=opts)
+    with tempfile.TemporaryDirectory(prefix="fastsave-edit-") as tmp:  # mkdtemp: mode 0700
+        path = os.path.join(tmp, f"{dom.name()}.xml")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(xml)
+        r = subprocess.run([*_editor(), path], check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"the editor exited with status {r.returncode}; nothing changed")
+        with open(path, encoding="utf-8") as f:
+            edited = f.read()
+    flags = _state_flags(args)
+    if edited == xml and not flags:
+        _out(args, {"domain": args.domain, "defined": False},
+                    f"Managed save image of domain '{dom.name()}' XML configuration not changed.")
+        return 0
+    managed_save_define_xml(dom, edited, flags, options=opts)
+    _out(args, {"domain": args.domain, "defined": True},
+         f"Managed save image of Domain '{dom.name()}' XML configuration edited.")
+    return 0
+
+
 def cmd_install_hook(args: argparse.Namespace) -> int:
     from .hook import install_hook, store_problems
     path = install_hook(args.store)
@@ -227,23 +417,22 @@ def cmd_install_hook(args: argparse.Namespace) -> int:
 
 
 def cmd_install_units(args: argparse.Namespace) -> int:
-    from .units import install_units
+    from .systemd import UNIT_NAME, install_units, libvirt_guests_enabled
     for path in install_units(args.unit_dir, args.env_file):
         print(f"wrote {path}")
     cmd_install_hook(argparse.Namespace(store=None))
-    print("then: systemctl daemon-reload && systemctl enable --now fastsave-guests.service")
+    if libvirt_guests_enabled():
+        print(f"fastsave: warning: libvirt-guests.service is enabled; {UNIT_NAME} is ordered to "
+              f"save the guests before it at shutdown, so it finds none running, but its ON_BOOT "
+              f"and ON_SHUTDOWN no longer apply: 'systemctl disable libvirt-guests.service'",
+              file=sys.stderr)
+    print(f"then: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastsave", description=__doc__.splitlines()[0])
-    p.add_argument("--uri", default=os.environ.get("FASTSAVE_URI", DEFAULT_URI),
-                   help="libvirt URI (default: $FASTSAVE_URI or %(default)s)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--image-dir", help="image store directory (default: per connection; while "
-                   "the hook is installed, saves on qemu:///system need it listed in "
-                   f"{CONFIG_PATH}: see install-hook --store)")
+    _global_options(p, os.environ.get("FASTSAVE_URI", DEFAULT_URI))
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def engine_opts(sp: argparse.ArgumentParser) -> None:
@@ -255,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("save", help="managed-save running domains and stop them")
     s.add_argument("domain", nargs="+")
     s.add_argument("--bypass-cache", action="store_true")
+    s.add_argument("--verbose", action="store_true", help="show progress on stderr, as virsh")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--running", action="store_true", help="come back running")
     g.add_argument("--paused", action="store_true", help="come back paused")
@@ -283,15 +473,40 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--parallel", type=int, help="domains at once (default: from core count)")
         engine_opts(sp)
 
-    s = sub.add_parser("save-all", help="managed-save all running domains concurrently")
+    def settings_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--settings", metavar="FILE",
+                        help="read unset options from FILE (KEY=VALUE, as /etc/default/fastsave, "
+                        "which the systemd unit passes); flags win")
+
+    s = sub.add_parser("save-all", help="managed-save all running domains concurrently "
+                       "(--on-shutdown shutdown: power them off instead)")
     bulk_opts(s)
-    s.add_argument("--timeout", type=float, help="seconds; domains not started by then get --on-timeout")
-    s.add_argument("--on-timeout", choices=["leave", "shutdown", "destroy"], default="leave")
+    s.add_argument("--on-shutdown", choices=["save", "shutdown"],
+                   help="save (default) or ask each guest to power off (ACPI), as "
+                   "libvirt-guests' ON_SHUTDOWN")
+    s.add_argument("--timeout", type=float, help="seconds (SHUTDOWN_TIMEOUT): save: the deadline "
+                   "for a save to start; shutdown: the time guests get to power off")
+    s.add_argument("--on-timeout", choices=["leave", "shutdown", "destroy", "save"],
+                   help="the domains left at the deadline: save mode: leave (default), destroy, "
+                   "shutdown (ACPI, up to --timeout more, then destroy); shutdown mode: save "
+                   "(default), destroy, leave")
+    s.add_argument("--record", action="store_true",
+                   help="host shutdown: record the running domains for 'restore-all --boot'")
+    settings_opt(s)
     s.set_defaults(func=cmd_save_all)
 
-    s = sub.add_parser("restore-all", help="restore saved domains (autostart ones; --all: all)")
+    s = sub.add_parser("restore-all", help="restore saved domains (autostart ones; --all: all; "
+                       "--boot: also those running at the last host shutdown)")
     bulk_opts(s)
     s.add_argument("--all", action="store_true")
+    s.add_argument("--boot", action="store_true",
+                   help="host boot: start the domains 'save-all --record' found running "
+                   "(restored, or booted when they have no saved state), then forget the record")
+    s.add_argument("--on-boot", choices=["start", "ignore"],
+                   help="ignore: start nothing, keep the saved states (libvirt-guests' ON_BOOT)")
+    s.add_argument("--start-delay", type=float, metavar="SECONDS",
+                   help="seconds between the beginnings of two starts (START_DELAY)")
+    settings_opt(s)
     s.set_defaults(func=cmd_restore_all)
 
     s = sub.add_parser("autostart", help="host boot: restore autostart domains with a saved state")
@@ -300,8 +515,42 @@ def build_parser() -> argparse.ArgumentParser:
     engine_opts(s)
     s.set_defaults(func=cmd_autostart)
 
-    s = sub.add_parser("list", help="domains with a saved state")
+    s = sub.add_parser("list", help="domains, as virsh list; state 'saved' for a saved state")
+    s.add_argument("--all", action="store_true", help="active and inactive domains")
+    s.add_argument("--inactive", action="store_true", help="inactive domains only")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--with-managed-save", action="store_true")
+    g.add_argument("--without-managed-save", action="store_true")
+    s.add_argument("--name", action="store_true", help="names only")
+    s.add_argument("--uuid", action="store_true", help="UUIDs only (with --name: both)")
+    s.add_argument("--table", action="store_true", help="the table (the default)")
+    s.add_argument("--images", action="store_true",
+                   help="the images in the store instead, with sizes, ages and codecs")
     s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("dumpxml", help="the domain XML kept in a saved state "
+                       "(virsh managedsave-dumpxml)")
+    s.add_argument("domain")
+    s.add_argument("--security-info", action="store_true", help="include secrets")
+    s.set_defaults(func=cmd_dumpxml)
+
+    def state_opts(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--running", action="store_true", help="come back running")
+        g.add_argument("--paused", action="store_true", help="come back paused")
+
+    s = sub.add_parser("define", help="replace the domain XML kept in a saved state "
+                       "(virsh managedsave-define)")
+    s.add_argument("domain")
+    s.add_argument("file", help="the new domain XML")
+    state_opts(s)
+    s.set_defaults(func=cmd_define)
+
+    s = sub.add_parser("edit", help="edit the domain XML kept in a saved state with $VISUAL "
+                       "or $EDITOR (virsh managedsave-edit)")
+    s.add_argument("domain")
+    state_opts(s)
+    s.set_defaults(func=cmd_edit)
 
     s = sub.add_parser("verify", help="check every byte of an image (a path, or a domain's image)")
     s.add_argument("target")
@@ -320,9 +569,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_install_hook)
     s = sub.add_parser("install-units", help="install the systemd unit, its settings and the hook")
     s.add_argument("--unit-dir", default="/etc/systemd/system")
-    s.add_argument("--env-file", default="/etc/default/fastsave")
+    s.add_argument("--env-file", default="/etc/default/fastsave",
+                   help="the settings file (written when missing; the unit is sized from it)")
     s.set_defaults(func=cmd_install_units)
+    seen: set[int] = set()
+    for sp in sub.choices.values():  # every verb, those added later too
+        if id(sp) not in seen:
+            seen.add(id(sp))
+            _global_options(sp, None)
     return p
+
+
+def _global_options(p: argparse.ArgumentParser, uri_default: str | None) -> None:
+    """The options accepted before and after the verb. After it (uri_default
+    None) they default to SUPPRESS, so a verb's parser keeps what was given
+    before the verb unless it is given again."""
+    def dflt(value: Any) -> Any:
+        return argparse.SUPPRESS if uri_default is None else value
+    p.add_argument("--uri", default=dflt(uri_default),
+                   help="libvirt URI (default: $FASTSAVE_URI or qemu:///system)")
+    p.add_argument("--json", action="store_true", default=dflt(False), help="machine-readable output")
+    p.add_argument("--debug", action="store_true", default=dflt(False), help="show tracebacks")
+    p.add_argument("-r", "--readonly", action="store_true", default=dflt(False),
+                   help="a read-only libvirt connection")
+    p.add_argument("--image-dir", default=dflt(None),
+                   help="image store directory (default: per connection; while the hook is "
+                   "installed, saves on qemu:///system need it listed in "
+                   f"{CONFIG_PATH}: see install-hook --store)")
 
 
 def _stop_on_signals() -> None:

@@ -23,16 +23,24 @@ another path explicitly.
 The file must be a regular file that only root can change. This module uses
 the standard library only; `read_text` and `parse_text` are copied verbatim
 into the hook script, which must not import fastsave.
+
+The host shutdown and boot settings of fastsave-guests.service (libvirt-guests'
+ON_BOOT, ON_SHUTDOWN, ... and fastsave's own) live apart, in
+/etc/default/fastsave, where libvirt-guests keeps its own: see
+`load_host_settings`. Only the commands the unit runs read them, and only
+when told to (`--settings FILE`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 __all__ = ["CONFIG_PATH", "SYSTEM_DIR", "HOOK_DIR", "HOOK_NAME", "STORE_MARKER",
            "Config", "ConfigError", "read_text", "parse_text", "load", "add_stores",
-           "hook_installed"]
+           "hook_installed", "SETTINGS_PATH", "HostSettings", "load_host_settings",
+           "parse_host_settings"]
 
 CONFIG_PATH = "/etc/fastsave/fastsave.conf"
 SYSTEM_DIR = "/var/lib/fastsave/images"
@@ -175,3 +183,141 @@ def parser_source() -> str:
     """The source of read_text and parse_text, for the hook script."""
     import inspect
     return inspect.getsource(read_text) + "\n\n" + inspect.getsource(parse_text)
+
+
+# -- host shutdown and boot settings (/etc/default/fastsave)
+
+SETTINGS_PATH = "/etc/default/fastsave"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSettings:
+    """What fastsave-guests.service does at host shutdown and boot. The names
+    of the file's keys are libvirt-guests' where libvirt-guests has the setting."""
+
+    uri: str | None = None            # FASTSAVE_URI (None: the command's default)
+    on_boot: str = "start"            # ON_BOOT: start | ignore
+    start_delay: float = 0.0          # START_DELAY: seconds between two starts at boot
+    on_shutdown: str = "save"         # ON_SHUTDOWN: save | shutdown
+    shutdown_timeout: float = 300.0   # SHUTDOWN_TIMEOUT: seconds; 0 means no limit
+    parallel: int | None = None       # PARALLEL_SHUTDOWN: domains at once; 0/empty: from the CPUs
+    on_timeout: str | None = None     # FASTSAVE_ON_TIMEOUT: leave | shutdown | destroy | save
+    bypass_cache: bool = False        # BYPASS_CACHE: 1 reads and writes images with O_DIRECT
+    mode: str | None = None           # FASTSAVE_MODE: auto | zstd | raw
+    level: int | None = None          # FASTSAVE_LEVEL
+    threads: int | None = None        # FASTSAVE_THREADS
+    image_dir: str | None = None      # FASTSAVE_IMAGE_DIR
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        if v not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return v
+    return parse
+
+
+def _seconds(v: str) -> float:
+    x = float(v)
+    if not x >= 0 or x == float("inf"):
+        raise ValueError("expected a number of seconds >= 0")
+    return x
+
+
+def _count(v: str) -> int | None:
+    n = int(v)
+    if n < 0:
+        raise ValueError("expected a count >= 0")
+    return n or None
+
+
+def _positive(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise ValueError("expected a number >= 1")
+    return n
+
+
+def _bool01(v: str) -> bool:
+    if v not in ("0", "1"):
+        raise ValueError("expected 0 or 1")
+    return v == "1"
+
+
+def _abspath(v: str) -> str:
+    if not v.startswith("/") or "\0" in v:
+        raise ValueError("expected an absolute path")
+    return os.path.normpath(v)
+
+
+def _level(v: str) -> int:
+    return int(v)
+
+
+_KEYS = {
+    "FASTSAVE_URI": ("uri", str),
+    "ON_BOOT": ("on_boot", _choice("start", "ignore")),
+    "START_DELAY": ("start_delay", _seconds),
+    "ON_SHUTDOWN": ("on_shutdown", _choice("save", "shutdown")),
+    "SHUTDOWN_TIMEOUT": ("shutdown_timeout", _seconds),
+    "PARALLEL_SHUTDOWN": ("parallel", _count),
+    "FASTSAVE_ON_TIMEOUT": ("on_timeout", _choice("leave", "shutdown", "destroy", "save")),
+    "BYPASS_CACHE": ("bypass_cache", _bool01),
+    "FASTSAVE_MODE": ("mode", _choice("auto", "zstd", "raw")),
+    "FASTSAVE_LEVEL": ("level", _level),
+    "FASTSAVE_THREADS": ("threads", _positive),
+    "FASTSAVE_IMAGE_DIR": ("image_dir", _abspath),
+}
+# Earlier names, still read: a settings file is kept across upgrades.
+_OLD_KEYS = {"FASTSAVE_TIMEOUT": "SHUTDOWN_TIMEOUT", "FASTSAVE_PARALLEL": "PARALLEL_SHUTDOWN"}
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def parse_host_settings(text: str, path: str = SETTINGS_PATH) -> tuple[HostSettings, list[str]]:
+    """Parses KEY=VALUE lines (shell syntax without expansion: the file stays
+    readable by sh and by systemd's EnvironmentFile=). Returns the settings
+    and one warning per line that was not used; a bad line never stops the
+    rest: at host shutdown, saving with a default beats not saving."""
+    values: dict[str, object] = {}
+    warnings: list[str] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), _unquote(value.strip())
+        if not sep:
+            warnings.append(f"{path}:{n}: expected KEY=VALUE, got {raw!r}; line ignored")
+            continue
+        key = _OLD_KEYS.get(key, key)
+        if key not in _KEYS:
+            warnings.append(f"{path}:{n}: unknown setting {key!r} ignored")
+            continue
+        field, parse = _KEYS[key]
+        if value == "":
+            continue  # empty: the default
+        try:
+            values[field] = parse(value)
+        except ValueError as e:
+            warnings.append(f"{path}:{n}: {key}={value!r} ignored ({e}); using the default")
+    return HostSettings(**values), warnings  # type: ignore[arg-type]
+
+
+def load_host_settings(path: str = SETTINGS_PATH) -> tuple[HostSettings, list[str]]:
+    """The settings in `path` (defaults when it is missing) and warnings. A
+    file that others than root could change is not used at all (a warning
+    says why): a root process does not take orders from it."""
+    try:
+        text = read_text(path)
+    except ValueError as e:
+        return HostSettings(), [f"{e}; using the default settings"]
+    if text is None:
+        return HostSettings(), []
+    return parse_host_settings(text, path)

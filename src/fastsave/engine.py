@@ -8,6 +8,11 @@ a helper thread about every `progress_interval` seconds with a `Stats`.
 open, readable file descriptor (which they read with pread and never close);
 `name=` sets what messages and exceptions call the image.
 
+A save may take several input streams (channels, e.g. QEMU's main and
+multifd channels) and a restore gives each back on its own output; each
+channel's bytes come back exactly, in order. `EngineOptions` is the one
+serialisable shape of the engine's settings.
+
 Options beyond the C core's limits (`FS_*_MAX` in csrc/fastsave.h, see
 docs/image-format.md) raise ValueError naming the value and the limit.
 """
@@ -20,14 +25,16 @@ import os
 import threading
 import time
 import uuid as _uuid
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 from ._native import ffi, lib
 from .errors import error_from_c
 
 __all__ = [
     "Mode",
+    "EngineOptions",
+    "usable_cpus",
     "ImageSource",
     "Stats",
     "ImageInfo",
@@ -40,6 +47,7 @@ __all__ = [
     "cleanup",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_LEVEL",
+    "CHANNELS_MAX",
 ]
 
 Mode = Literal["raw", "zstd", "auto"]
@@ -48,6 +56,7 @@ ImageSource = str | os.PathLike[str] | int
 _MODES = {"raw": lib.FS_MODE_RAW, "zstd": lib.FS_MODE_ZSTD, "auto": lib.FS_MODE_AUTO}
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_LEVEL: int = lib.fs_default_level()
+CHANNELS_MAX: int = lib.FS_CHANNELS_MAX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +151,10 @@ class ImageInfo:
     name: str
     fastsave_version: str
     xml: str
+    #: streams in the image (1 for a single-stream, format 1.x image)
+    channels: int = 1
+    #: stream length of each channel
+    channel_lengths: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +196,9 @@ def _run(call: Callable[[object], int], job: Job | None, path: str | None,
     return stats
 
 
-def _default_threads() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), within the engine's
+    thread limit: the default number of engine threads."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except OSError:
@@ -201,6 +216,80 @@ def _int_in(what: str, value: object, low: int, high: int) -> int:
 
 
 _INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How the engine saves (and, for threads, direct and slots, restores).
+
+    Checked once, here: a bad value raises ValueError (TypeError for a wrong
+    type) naming the value and the limit. `to_dict()`/`from_dict()` give the
+    JSON form the engine's child process receives.
+
+    mode: "raw" (no compression, splice when the input is one pipe), "zstd"
+        (every chunk compressed), "auto" (compress what the CPU allows without
+        slowing the producer).
+    level: zstd level (None: DEFAULT_LEVEL).
+    threads: compression workers (None: `usable_cpus()` where the call runs).
+    direct: O_DIRECT image I/O where the filesystem supports it.
+    chunk_size: bytes per chunk, a multiple of 4096 from 64 KiB to 64 MiB.
+    slots: chunk buffers in flight (0: the engine's default).
+    splice: raw mode may move a single pipe's data with splice.
+    """
+
+    mode: Mode = "auto"
+    level: int | None = None
+    threads: int | None = None
+    direct: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    slots: int = 0
+    splice: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {sorted(_MODES)}, not {self.mode!r}")
+        if self.threads is not None:
+            _int_in("threads", self.threads, 1, lib.FS_THREADS_MAX)
+        _int_in("chunk_size", self.chunk_size, lib.FS_CHUNK_SIZE_MIN, lib.FS_CHUNK_SIZE_MAX)
+        if self.chunk_size % 4096:
+            raise ValueError(f"chunk_size {self.chunk_size} out of range: a multiple of 4096 from "
+                             f"{lib.FS_CHUNK_SIZE_MIN} to {lib.FS_CHUNK_SIZE_MAX}")
+        _int_in("slots", self.slots, 0, lib.FS_SLOTS_MAX)
+        if self.level is not None:
+            _int_in("level", self.level, *_INT32)
+        for what in ("direct", "splice"):
+            if not isinstance(getattr(self, what), bool):
+                raise TypeError(f"{what} must be a bool, not {type(getattr(self, what)).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EngineOptions:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown engine options: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def with_overrides(self, **kw: Any) -> EngineOptions:
+        """These options with some fields replaced (checked again)."""
+        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **kw) if kw else self
+
+
+def _fds(fds: int | Sequence[int], what: str) -> list[int]:
+    """One fd or a sequence of them (one per channel), as a list."""
+    items = [fds] if isinstance(fds, int) and not isinstance(fds, bool) else list(fds)  # type: ignore[arg-type]
+    for fd in items:
+        if isinstance(fd, bool) or not isinstance(fd, int):
+            raise TypeError(f"{what} must be file descriptors (ints), not {type(fd).__name__}")
+        if fd < 0:
+            raise ValueError(f"invalid file descriptor {fd} in {what}")
+    if not 1 <= len(items) <= lib.FS_CHANNELS_MAX:
+        raise ValueError(f"{len(items)} {what}: channels out of range 1..{lib.FS_CHANNELS_MAX}")
+    return items
 
 
 class _Image:
@@ -240,63 +329,56 @@ def _uuid_bytes(value: str | bytes | _uuid.UUID | None) -> bytes:
 
 
 def save_stream(
-    in_fd: int,
+    in_fds: int | Sequence[int],
     path: str | os.PathLike[str],
+    options: EngineOptions | None = None,
     *,
-    mode: Mode = "auto",
-    level: int | None = None,
-    threads: int | None = None,
-    direct: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
     xml: str | None = None,
     name: str | None = None,
     uuid: str | bytes | _uuid.UUID | None = None,
     was_running: bool = True,
-    splice: bool = True,
-    slots: int = 0,
     job: Job | None = None,
     progress: Callable[[Stats], None] | None = None,
     progress_interval: float = 0.5,
+    **engine_kw: Any,
 ) -> Stats:
-    """Reads a stream from `in_fd` until EOF and writes the image at `path`.
+    """Reads streams until EOF and writes the image at `path`.
 
+    `in_fds`: one fd, or one per channel (at most CHANNELS_MAX; channel 0
+    first). Every channel is read as fast as it delivers, whatever the others
+    do. One channel writes a format 1.x image, several a format 2.x image.
     The image appears at `path` only once complete and durable; on any
     failure no file is left behind and an exception names the cause.
-    `mode`: "raw" (no compression, splice when `in_fd` is a pipe), "zstd"
-    (every chunk compressed), "auto" (compress what the CPU allows without
-    slowing the producer). `direct`: O_DIRECT writes, where the filesystem
-    supports them (`Stats.direct` tells).
+    `options` (default `EngineOptions()`); its fields may also be given as
+    keywords (mode=, level=, threads=, direct=, chunk_size=, slots=, splice=),
+    which override them. `Stats.direct` tells whether O_DIRECT was used.
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {sorted(_MODES)}, not {mode!r}")
-    threads = _default_threads() if threads is None else _int_in("threads", threads, 1, lib.FS_THREADS_MAX)
-    _int_in("chunk_size", chunk_size, lib.FS_CHUNK_SIZE_MIN, lib.FS_CHUNK_SIZE_MAX)
-    _int_in("slots", slots, 0, lib.FS_SLOTS_MAX)
-    if level is not None:
-        _int_in("level", level, *_INT32)
+    opts_py = (options or EngineOptions()).with_overrides(**engine_kw)
+    fds = _fds(in_fds, "input fds")
     target = os.fspath(path)
     directory, base = os.path.split(os.path.abspath(target))
     xml_b = (xml or "").encode()
     name_b = (name or "").encode()
     version_b = _version().encode()
     opts = ffi.new("struct fs_save_opts *")
-    opts.mode = _MODES[mode]
-    opts.level = DEFAULT_LEVEL if level is None else level
-    opts.threads = threads
-    opts.direct = 1 if direct else 0
-    opts.chunk_size = chunk_size
-    opts.slots = slots
+    opts.mode = _MODES[opts_py.mode]
+    opts.level = DEFAULT_LEVEL if opts_py.level is None else opts_py.level
+    opts.threads = usable_cpus() if opts_py.threads is None else opts_py.threads
+    opts.direct = 1 if opts_py.direct else 0
+    opts.chunk_size = opts_py.chunk_size
+    opts.slots = opts_py.slots
     opts.was_running = 1 if was_running else 0
-    opts.allow_splice = 1 if splice else 0
+    opts.allow_splice = 1 if opts_py.splice else 0
     keep = [ffi.from_buffer(xml_b), ffi.from_buffer(name_b), ffi.new("char[]", version_b)]
     opts.xml, opts.xml_len = keep[0], len(xml_b)
     opts.name, opts.name_len = keep[1], len(name_b)
     opts.version = keep[2]
     ffi.memmove(opts.uuid, _uuid_bytes(uuid), 16)
     opts.created_ns = time.time_ns()
+    c_fds = ffi.new("int[]", fds)
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return _run(lambda cjob: lib.fs_save(in_fd, dir_fd, base.encode(), opts, cjob),
+        return _run(lambda cjob: lib.fs_save_channels(c_fds, len(fds), dir_fd, base.encode(), opts, cjob),
                     job, target, progress, progress_interval)
     finally:
         os.close(dir_fd)
@@ -304,37 +386,52 @@ def save_stream(
 
 def restore_stream(
     path: ImageSource,
-    out_fd: int,
+    out_fds: int | Sequence[int],
+    options: EngineOptions | None = None,
     *,
     threads: int | None = None,
-    direct: bool = False,
-    slots: int = 0,
+    direct: bool | None = None,
+    slots: int | None = None,
     job: Job | None = None,
     progress: Callable[[Stats], None] | None = None,
     progress_interval: float = 0.5,
     name: str | None = None,
 ) -> Stats:
-    """Checks the image at `path` (a path or an open fd) and writes its stream to `out_fd`.
+    """Checks the image at `path` (a path or an open fd) and writes its streams.
 
+    `out_fds`: one fd per channel of the image (channel 0 first); a wrong
+    count raises ValueError before anything is written. Each channel is
+    written by its own thread, so a consumer may read them in any order.
     Header, metadata, index and trailer are checked before the first byte is
     written; every chunk is checked before it is written, and the first bad
-    one stops the restore with `ImageCorrupt`. `name` is what errors call
-    the image (default: the path, or "<fd N>").
+    one stops the restore with `ImageCorrupt`. `threads`, `direct` and
+    `slots` default to those of `options` (threads: `usable_cpus()`;
+    restore accepts 0, meaning 1; slots are per channel). `name` is what
+    errors call the image (default: the path, or "<fd N>").
     """
+    fds = _fds(out_fds, "output fds")
+    base = options or EngineOptions()
+    threads = base.threads if threads is None else threads
+    direct = base.direct if direct is None else direct
+    slots = base.slots if slots is None else slots
     with _Image(path, name) as image:
-        return _restore(image, out_fd, threads, direct, slots, job, progress, progress_interval)
+        return _restore(image, fds, threads, direct, slots, job, progress, progress_interval)
 
 
-def _restore(image: _Image, out_fd: int, threads: int | None, direct: bool, slots: int,
+def _restore(image: _Image, out_fds: list[int] | None, threads: int | None, direct: bool, slots: int,
              job: Job | None, progress: Callable[[Stats], None] | None,
              interval: float) -> Stats:
     opts = ffi.new("struct fs_restore_opts *")
-    opts.threads = (_default_threads() if threads is None
+    opts.threads = (usable_cpus() if threads is None
                     else _int_in("threads", threads, 0, lib.FS_THREADS_MAX))
     opts.direct = 1 if direct else 0
     opts.slots = _int_in("slots", slots, 0, lib.FS_SLOTS_MAX)
-    return _run(lambda cjob: lib.fs_restore(image.fd, out_fd, opts, cjob), job, image.name,
-                progress, interval)
+    if out_fds is None:
+        return _run(lambda cjob: lib.fs_restore_channels(image.fd, ffi.NULL, 0, opts, cjob), job,
+                    image.name, progress, interval)
+    c_fds = ffi.new("int[]", out_fds)
+    return _run(lambda cjob: lib.fs_restore_channels(image.fd, c_fds, len(out_fds), opts, cjob), job,
+                image.name, progress, interval)
 
 
 def verify(
@@ -344,7 +441,7 @@ def verify(
     """Reads and checks the whole image (a path or an open fd); raises `ImageError` if it is bad."""
     with _Image(path, name) as image:
         info = _inspect(image)
-        stats = _restore(image, -1, threads, direct, 0, job, None, 0.5)
+        stats = _restore(image, None, threads, direct, 0, job, None, 0.5)
     return VerifyReport(info=info, stats=stats)
 
 
@@ -383,6 +480,8 @@ def _inspect(image: _Image) -> ImageInfo:
         name=ffi.unpack(info.name, info.name_len).decode("utf-8", "replace"),
         fastsave_version=ffi.string(info.version).decode("utf-8", "replace"),
         xml=xml.decode("utf-8", "replace"),
+        channels=info.channels,
+        channel_lengths=tuple(info.channel_len[c] for c in range(info.channels)),
     )
 
 

@@ -1,5 +1,6 @@
 """The libvirt QEMU hook that stops a plain libvirt start from booting a
-domain fresh while fastsave holds its saved state.
+domain fresh while fastsave holds its saved state, and checks a saved state
+fastsave made visible to libvirt before libvirt restores it.
 
 libvirtd runs every executable in /etc/libvirt/hooks/qemu.d/ before it starts
 a domain ("prepare begin"), with the domain XML on stdin; a non-zero exit
@@ -24,9 +25,20 @@ readable UUID refuses the start only while some store holds an image. A
 missing configuration file means the system store alone. A host with fastsave
 installed but nothing saved starts its domains as usual.
 
-The script uses the standard library only, never imports fastsave and never
-calls libvirt (libvirtd waits for it). `fastsave install-hook` writes it from
-the same constants and the same configuration parser the library uses.
+Images published at libvirt's managed-save path (published.py; the store
+keeps a `.UUID.published` record of the link) are libvirt's to restore: for
+their domains the hook runs fastsave itself (`published.hook_main`, in a
+`python -I` child that loads the installed package by its directory) at
+`prepare begin`, which verifies every chunk and the binding to the persistent
+definition before libvirt reads the image, sets a bad image aside and refuses
+the start, removes fastsave's copy when libvirt's link is gone (force-boot,
+managedsave-remove), and at `started begin`, where the store lets go of an
+image libvirt restored. Failing to run that check refuses the start.
+
+The script itself uses the standard library only and never imports fastsave;
+neither it nor its child calls libvirt (libvirtd waits for the hook).
+`fastsave install-hook` writes it from the same constants and the same
+configuration parser the library uses.
 """
 
 from __future__ import annotations
@@ -36,12 +48,14 @@ import sys
 
 from .config import CONFIG_PATH, HOOK_DIR, HOOK_NAME, STORE_MARKER, SYSTEM_DIR, parser_source
 
-__all__ = ["HOOK_DIR", "HOOK_NAME", "hook_script", "install_hook", "store_problems"]
+__all__ = ["HOOK_DIR", "HOOK_NAME", "hook_script", "install_hook", "store_problems",
+           "definitions_dir"]
 
 _TEMPLATE = r'''#!@PYTHON@
 # Installed by fastsave (fastsave install-hook), which rewrites it: do not edit.
 # Refuses to start a domain that has a fastsave saved state unless fastsave
-# itself is restoring it. Image stores: @CONFIG_PATH@, read at every start.
+# itself is restoring it, or libvirt restores it from its managed-save path
+# after fastsave checked it. Image stores: @CONFIG_PATH@, read at every start.
 from __future__ import annotations
 
 import os
@@ -54,6 +68,21 @@ SYSTEM_DIR = @SYSTEM_DIR@
 MARKER = @MARKER@
 IMAGE_SUFFIX = @IMAGE_SUFFIX@
 TOKEN_NS = @TOKEN_NS@
+PUBLISHED = @PUBLISHED@
+DEFINITIONS = @DEFINITIONS@
+# fastsave itself, run only for an image it made visible to libvirt (see check()).
+FASTSAVE_PYTHON = @FASTSAVE_PYTHON@
+FASTSAVE_PACKAGE = @FASTSAVE_PACKAGE@
+BOOTSTRAP = """\
+import sys, importlib.util as u
+d = sys.argv[1]
+s = u.spec_from_file_location("fastsave", d + "/__init__.py", submodule_search_locations=[d])
+m = u.module_from_spec(s)
+sys.modules["fastsave"] = m
+s.loader.exec_module(m)
+import fastsave.published
+sys.exit(fastsave.published.hook_main(sys.argv[2:]))
+"""
 
 
 @PARSER@
@@ -90,7 +119,59 @@ def refuse(name, why):
     return 1
 
 
+def published(store, uuid):
+    return os.path.lexists(os.path.join(store, "." + uuid + "." + PUBLISHED))
+
+
+def own_restore(root, store, uuid):
+    """The XML carries the restore token fastsave issued for this start."""
+    tok = root.find("./metadata/{%s}restore" % TOKEN_NS)
+    try:
+        with open(os.path.join(store, "." + uuid + ".token")) as f:
+            expected = f.read().strip()
+    except OSError:
+        expected = None
+    return tok is not None and bool(expected) and tok.get("token") == expected
+
+
+def check(phase, store, uuid, name):
+    """fastsave's own check of an image it linked to libvirt's managed-save
+    path (fastsave.published.hook_main): the image's chunks and binding
+    before libvirt restores it; letting go of it once libvirt has. Its exit
+    code is the answer; it writes its reason to stderr, which libvirt shows."""
+    import subprocess
+    try:
+        r = subprocess.run([FASTSAVE_PYTHON, "-I", "-c", BOOTSTRAP, FASTSAVE_PACKAGE, phase, store,
+                            uuid, name, DEFINITIONS], stdin=subprocess.DEVNULL, cwd="/",
+                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+    except OSError as e:
+        raise Refuse("fastsave cannot check its saved state (%s)" % e)
+    if r.returncode not in (0, 1):
+        raise Refuse("fastsave's check of its saved state failed (exit status %d)" % r.returncode)
+    return r.returncode
+
+
+def started(argv, text):
+    """libvirt started the domain: if it restored fastsave's published image,
+    fastsave's copy goes. Never refuses (the guest runs already)."""
+    try:
+        stores = guarded_stores()
+        root = ET.fromstring(text)
+        uuid = str(_uuid.UUID((root.findtext("uuid") or "").strip()))
+    except (Refuse, ET.ParseError, ValueError):
+        return 0
+    for store in stores:
+        if published(store, uuid) and not own_restore(root, store, uuid):
+            try:
+                check("started", store, uuid, argv[1])
+            except Refuse:
+                pass
+    return 0
+
+
 def main(argv):
+    if len(argv) >= 4 and (argv[2], argv[3]) == ("started", "begin"):
+        return started(argv, sys.stdin.read())
     if len(argv) < 4 or (argv[2], argv[3]) != ("prepare", "begin"):
         return 0
     name = argv[1]
@@ -114,14 +195,13 @@ def main(argv):
         image = os.path.join(store, uuid + IMAGE_SUFFIX)
         if not os.path.lexists(image):
             continue
-        tok = root.find("./metadata/{%s}restore" % TOKEN_NS)
-        try:
-            with open(os.path.join(store, "." + uuid + ".token")) as f:
-                expected = f.read().strip()
-        except OSError:
-            expected = None
-        if tok is not None and expected and tok.get("token") == expected:
+        if own_restore(root, store, uuid):
             return 0
+        if published(store, uuid):  # libvirt may restore it: fastsave checks it first
+            try:
+                return check("prepare", store, uuid, argv[1])
+            except Refuse as e:
+                return refuse(name, "%s; the start is refused until it can" % e)
         return refuse(name, "it has a saved state (%s); a plain start would boot it fresh and "
                       "lose it. Restore it with 'fastsave start %s', or discard the saved "
                       "state with 'fastsave remove %s' (or 'fastsave start --force-boot %s')."
@@ -139,9 +219,18 @@ if __name__ == "__main__":
 '''
 
 
-def hook_script(config_path: str = CONFIG_PATH, system_dir: str = SYSTEM_DIR) -> str:
+def definitions_dir(hook_dir: str = HOOK_DIR) -> str:
+    """Where libvirt keeps the persistent definitions of the daemon whose
+    hooks live in hook_dir (SYSCONFDIR/libvirt/hooks/qemu.d ->
+    SYSCONFDIR/libvirt/qemu)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(hook_dir))), "qemu")
+
+
+def hook_script(config_path: str = CONFIG_PATH, system_dir: str = SYSTEM_DIR,
+                hook_dir: str = HOOK_DIR) -> str:
     from .restore_xml import TOKEN_NS
-    from .store import IMAGE_SUFFIX
+    from .store import IMAGE_SUFFIX, PUBLISHED_KIND
+    from .worker import _PACKAGE_DIR
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
     values = {
         "@PYTHON@": python,
@@ -151,6 +240,10 @@ def hook_script(config_path: str = CONFIG_PATH, system_dir: str = SYSTEM_DIR) ->
         "@MARKER@": repr(STORE_MARKER),
         "@IMAGE_SUFFIX@": repr(IMAGE_SUFFIX),
         "@TOKEN_NS@": repr(TOKEN_NS),
+        "@PUBLISHED@": repr(PUBLISHED_KIND),
+        "@DEFINITIONS@": repr(definitions_dir(hook_dir)),
+        "@FASTSAVE_PYTHON@": repr(sys.executable),
+        "@FASTSAVE_PACKAGE@": repr(_PACKAGE_DIR),
         "@PARSER@": parser_source(),
     }
     text = _TEMPLATE
@@ -196,7 +289,7 @@ def install_hook(stores: list[str] | None = None, hook_dir: str = HOOK_DIR, *,
     tmp = os.path.join(os.path.dirname(os.path.abspath(hook_dir)), f".{HOOK_NAME}-hook.new")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(hook_script(config_path, system_dir))
+        f.write(hook_script(config_path, system_dir, hook_dir))
         f.flush()
         os.fchmod(f.fileno(), 0o755)
         os.fsync(f.fileno())

@@ -6,6 +6,8 @@ domain runs.
     has_managed_save_image(dom, flags)  1 if the domain has a saved state, else 0
     managed_save_remove(dom, flags)     discard the saved state
     start(dom, flags)                   start: restore the saved state, or boot
+    managed_save_get_xml_desc(dom, flags)      the domain XML kept in the saved state
+    managed_save_define_xml(dom, dxml, flags)  replace it (saved_xml.py)
 
 Errors are libvirt.libvirtError instances with libvirt's error codes. The
 save flow lives in saving.py, the restore flow in restoring.py, what a dead
@@ -24,13 +26,13 @@ from typing import Any
 
 import libvirt
 
-from . import engine, recovery, restore_xml, restoring, saving
+from . import engine, published, recovery, restore_xml, restoring, saved_xml, saving
 from .errors import ImageError
 from .store import DomainBusy, ImageStore, StoreError, open_store
 from .virt import check_domain, check_flags, check_qemu_local, check_writable, connection_kind, fail, is_readonly
 
 __all__ = ["Options", "managed_save", "has_managed_save_image", "managed_save_remove", "start",
-           "image_store"]
+           "image_store", "managed_save_get_xml_desc", "managed_save_define_xml"]
 
 log = logging.getLogger("fastsave")
 
@@ -70,6 +72,16 @@ class Options:
     progress: Callable[[engine.Stats], None] | None = None
     stall_timeout: float = 60.0
     timeout: float | None = None
+    # Saves: 1 = one migration stream; N > 1 = QEMU's multifd, a main channel
+    # and N memory channels over a private socket (channels.py). Restores
+    # follow the image.
+    channels: int = 1
+
+    def engine_options(self, direct: bool) -> engine.EngineOptions:
+        """The engine's settings for one save or restore (ValueError for a bad
+        one), with O_DIRECT as resolved for the call from `direct` and its flags."""
+        return engine.EngineOptions(mode=self.mode, level=self.level, threads=self.threads,
+                                    direct=direct, chunk_size=self.chunk_size)
 
 
 def _options(options: Options | None, kw: dict[str, Any]) -> Options:
@@ -215,7 +227,7 @@ def _has(store: ImageStore, dom: libvirt.virDomain, uuid: str) -> int:
 
 
 def _has_state(store: ImageStore, dom: libvirt.virDomain, uuid: str, writable: bool) -> int:
-    if dom.isActive():
+    if dom.isActive() or published.consumed(store, uuid):
         return 0
     try:
         found = _bound_image(store, dom, uuid, writable)
@@ -275,4 +287,89 @@ def start(dom: libvirt.virDomain, flags: int = 0, *, options: Options | None = N
                 restoring.restore(dom, store, uuid, flags, opts, found[1], found[0])
                 return 0
         dom.createWithFlags(flags)
+    return 0
+
+
+# -- the XML a saved state keeps (virsh managedsave-dumpxml / -define / -edit)
+
+def _no_state() -> Exception:
+    return fail(libvirt.VIR_ERR_OPERATION_INVALID, "domain does not have managed save image")
+
+
+def managed_save_get_xml_desc(dom: libvirt.virDomain, flags: int = 0, *,
+                              options: Options | None = None, **kw: Any) -> str:
+    """The domain XML kept in the domain's saved state. Without
+    VIR_DOMAIN_SAVE_IMAGE_XML_SECURE secrets are left out; a read-only
+    connection is denied the secure form. No saved state: VIR_ERR_OPERATION_INVALID."""
+    func = "virDomainManagedSaveGetXMLDesc"
+    dom = check_domain(dom, func)
+    secure = libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE
+    if isinstance(flags, int) and flags & secure and is_readonly(dom):
+        raise fail(libvirt.VIR_ERR_OPERATION_DENIED,
+                   f"operation forbidden: {func} with secure flag", libvirt.VIR_FROM_DOMAIN)
+    check_flags(flags, secure, func)
+    check_qemu_local(dom, func)
+    dom.isActive()  # an undefined domain raises VIR_ERR_NO_DOMAIN here
+    with _store_for(dom, _options(options, kw)) as store:
+        uuid = dom.UUIDString()
+        try:
+            if not is_readonly(dom):
+                try:
+                    with store.lock(uuid, dom.name()):
+                        recovery.settle(store, dom, uuid)
+                        found = None if dom.isActive() else _bound_image(store, dom, uuid, True)
+                        xml = None if found is None else found[1].xml
+                        if found is not None:
+                            os.close(found[0])
+                        if xml is None:
+                            raise _no_state()
+                        return saved_xml.public_xml(xml, bool(flags & secure))
+                except DomainBusy:
+                    pass  # a save or restore in progress owns it: read what is there
+            stale = dom.isActive() or published.consumed(store, uuid)  # libvirt took it
+            found = None if stale else _bound_image(store, dom, uuid, False)
+        except (ImageError, StoreError, OSError) as e:
+            raise fail(libvirt.VIR_ERR_OPERATION_FAILED,
+                       f"cannot read the saved state of domain {dom.name()}: {e}") from e
+        if found is None:
+            raise _no_state()
+        os.close(found[0])
+        return saved_xml.public_xml(found[1].xml, bool(flags & secure))
+
+
+def managed_save_define_xml(dom: libvirt.virDomain, dxml: str, flags: int = 0, *,
+                            options: Options | None = None, **kw: Any) -> int:
+    """Replaces the domain XML kept in the domain's saved state; the domain
+    restores into it. VIR_DOMAIN_SAVE_RUNNING / VIR_DOMAIN_SAVE_PAUSED also
+    change the state it comes back in. Refused without a saved state
+    (VIR_ERR_OPERATION_INVALID), for XML libvirt's guest-ABI check refuses
+    (libvirt's error), on a read-only connection. The image is replaced
+    atomically: any failure leaves the old one as it was. Returns 0."""
+    func = "virDomainManagedSaveDefineXML"
+    dom = check_domain(dom, func)
+    if not isinstance(dxml, str):
+        raise fail(libvirt.VIR_ERR_INVALID_ARG, f"dxml in {func} must be a string",
+                   libvirt.VIR_FROM_DOMAIN)
+    check_flags(flags, libvirt.VIR_DOMAIN_SAVE_RUNNING | libvirt.VIR_DOMAIN_SAVE_PAUSED, func)
+    if flags & libvirt.VIR_DOMAIN_SAVE_RUNNING and flags & libvirt.VIR_DOMAIN_SAVE_PAUSED:
+        raise fail(libvirt.VIR_ERR_INVALID_ARG, "Flags 'VIR_DOMAIN_SAVE_RUNNING' and "
+                   "'VIR_DOMAIN_SAVE_PAUSED' are mutually exclusive", libvirt.VIR_FROM_DOMAIN)
+    check_qemu_local(dom, func)
+    check_writable(dom, func)
+    opts = _options(options, kw)
+    running = True if flags & libvirt.VIR_DOMAIN_SAVE_RUNNING else \
+        False if flags & libvirt.VIR_DOMAIN_SAVE_PAUSED else None
+    with _store_for(dom, opts) as store, _locked(store, dom) as uuid:
+        try:
+            found = None if dom.isActive() else _bound_image(store, dom, uuid, writable=True)
+        except (ImageError, StoreError, OSError) as e:
+            raise fail(libvirt.VIR_ERR_OPERATION_FAILED,
+                       f"cannot read the saved state of domain {dom.name()}: {e}") from e
+        if found is None:
+            raise _no_state()
+        fd, info = found
+        try:
+            saved_xml.define(dom, store, uuid, info, fd, dxml, running, opts.direct is not False)
+        finally:
+            os.close(fd)
     return 0

@@ -1,5 +1,6 @@
 """Live progress of bulk operations: a redrawn table on a terminal, plain
-lines (one per finished domain) anywhere else."""
+lines (one per finished domain) anywhere else; and of one domain's save,
+as virsh shows it (JobProgress)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
-from .bulk import DomainResult
+from .hostwide import DomainResult
 
-__all__ = ["ProgressView"]
+__all__ = ["ProgressView", "JobProgress"]
 
 
 def _mb(n: float) -> str:
@@ -83,3 +85,53 @@ class ProgressView:
         self.out.write(up + text)
         self.out.flush()
         self._lines = len(lines)
+
+
+class JobProgress:
+    """One domain's save as `virsh save --verbose` shows it: `LABEL: [45.00 %]`
+    redrawn on stderr (a terminal), or a line per whole percent elsewhere;
+    100 % only once the job is done. `percent()` supplies the figure (None:
+    not known yet); a failing one is ignored."""
+
+    def __init__(self, label: str, percent: Callable[[], float | None],
+                 stream: TextIO | None = None, interval: float = 0.5) -> None:
+        self.label = label
+        self.percent = percent
+        self.out = stream or sys.stderr
+        self.tty = self.out.isatty()
+        self.interval = interval
+        self._last = -1.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fastsave-job-progress", daemon=True)
+
+    def __enter__(self) -> JobProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if t is None:
+            self._show(100.0)
+        if self._last >= 0 and self.tty:
+            self.out.write("\n")
+            self.out.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                p = self.percent()
+            except Exception:  # noqa: BLE001 - progress is never worth a failure
+                continue
+            if p is not None:
+                self._show(min(max(p, 0.0), 99.99))
+
+    def _show(self, p: float) -> None:
+        p = int(p * 100) / 100.0  # two decimals, never rounded up to 100
+        if self.tty:
+            if p != self._last:
+                self.out.write(f"\r{self.label}: [{p:5.2f} %]")
+        elif int(p) != int(self._last):
+            self.out.write(f"{self.label}: [{p:5.2f} %]\n")
+        self._last = p
+        self.out.flush()

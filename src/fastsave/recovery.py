@@ -22,13 +22,18 @@ With no mark, a running domain beside an image means it was started behind
 fastsave's back (no hook): the image is stale and removed, unless the running
 QEMU is one of fastsave's own restores still waiting for its stream, which is
 stopped instead (the image is the only copy).
+
+An image published at libvirt's managed-save path whose link libvirt has
+since removed (it restored or discarded the state) is stale and removed; a
+link left under a renamed domain's old name is moved to the new one
+(published.settle).
 """
 
 from __future__ import annotations
 
 import libvirt
 
-from . import restore_xml
+from . import published, restore_xml
 from .restoring import complete
 from .saving import STOP_TIMEOUT, cancel_migration, destroy, finish_save
 from .store import ImageStore
@@ -51,6 +56,7 @@ def settle(store: ImageStore, dom: libvirt.virDomain, uuid: str) -> None:
             _save_left(store, dom, uuid, bool(mark.get("was_running")))
         store.clear_saving_mark(uuid)
         store.revoke_token(uuid)
+    published.settle(store, dom, uuid)
     if dom.isActive() and store.has_image(uuid):
         _running_beside_image(store, dom, uuid)
 
@@ -60,6 +66,7 @@ def _save_left(store: ImageStore, dom: libvirt.virDomain, uuid: str, was_running
         return  # it went down meanwhile; a committed image is its saved state
     if store.has_image(uuid):
         finish_save(dom, dom.connect().getURI(), uuid, dom.name(), store.image_path(uuid))
+        published.publish(dom, store, uuid)
         return
     try:
         cancel_migration(dom, RECOVER_TIMEOUT)

@@ -20,6 +20,7 @@ fastsave's own start). The domain XML inside the image is used only
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import struct
 import uuid as _uuid
@@ -31,6 +32,7 @@ from .engine import ImageInfo
 
 __all__ = ["RefusedImage", "ForeignImage", "for_restore", "check_binding", "clean_for_image", "new_binding",
            "bind_definition", "unbind_definition", "definition_binding", "image_binding",
+           "xml_digest", "defined_digest", "abi_check",
            "QEMU_NS", "TOKEN_NS", "BIND_NS"]
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -47,7 +49,10 @@ _HEADER = struct.Struct("=16s5I56x")
 
 
 class RefusedImage(Exception):
-    """The image may not be restored into the domain as it is defined now."""
+    """The image may not be restored into the domain as it is defined now.
+    `libvirt_error`: libvirt's refusal, when libvirt's ABI check refused."""
+
+    libvirt_error: libvirt.libvirtError | None = None
 
 
 class ForeignImage(RefusedImage):
@@ -61,10 +66,28 @@ def new_binding() -> str:
     return _uuid.uuid4().hex
 
 
-def bind_definition(dom: libvirt.virDomain, binding: str) -> None:
-    """Records the binding in the persistent definition (its metadata)."""
-    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, f"<saved image='{binding}'/>",
+def bind_definition(dom: libvirt.virDomain, binding: str, defined: str | None = None) -> None:
+    """Records the binding in the persistent definition (its metadata).
+    `defined`: the digest (xml_digest) of an image XML that a writable
+    connection defined for the saved state (virDomainManagedSaveDefineXML);
+    only an image whose XML has this digest is restored from its own XML."""
+    extra = f" defined='{defined}'" if defined else ""
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, f"<saved image='{binding}'{extra}/>",
                     "fastsave-saved", BIND_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+
+def xml_digest(xml: str) -> str:
+    return hashlib.sha256(xml.encode()).hexdigest()
+
+
+def defined_digest(dom: libvirt.virDomain) -> str | None:
+    """The digest of the image XML defined for the saved state, if any."""
+    try:
+        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, BIND_NS,
+                            libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        return ET.fromstring(text).get("defined") or None
+    except (libvirt.libvirtError, ET.ParseError):
+        return None
 
 
 def unbind_definition(dom: libvirt.virDomain) -> None:
@@ -159,13 +182,18 @@ def _abi_check(conn: libvirt.virConnect, image_root: ET.Element, config_xml: str
             f.write(_HEADER.pack(_LIBVIRT_MAGIC, 2, room, 0, 0, 0) + text + bytes(room - len(text)))
         conn.saveImageDefineXML(scratch, config_xml, 0)
     except libvirt.libvirtError as e:
-        raise RefusedImage(
+        refused = RefusedImage(
             f"the domain's definition no longer describes the saved guest's hardware: "
             f"{e.get_error_message()}. Change the definition back (the saved one is shown by "
-            f"'fastsave inspect --xml IMAGE'), then start again; the saved state is kept") from None
+            f"'fastsave inspect --xml IMAGE'), then start again; the saved state is kept")
+        refused.libvirt_error = e
+        raise refused from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(scratch)
+
+
+abi_check = _abi_check  # also virDomainManagedSaveDefineXML's check
 
 
 def for_restore(info: ImageInfo, dom: libvirt.virDomain, token: str, scratch: str) -> str:
@@ -180,6 +208,16 @@ def for_restore(info: ImageInfo, dom: libvirt.virDomain, token: str, scratch: st
     check_binding(info, dom)
     config_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
     config = ET.fromstring(config_xml)
+    if defined_digest(dom) == xml_digest(info.xml):
+        # virDomainManagedSaveDefineXML replaced the saved XML (ABI-checked
+        # then) and the host's config authorised it: restore into it, as
+        # libvirt does, under the domain's current name.
+        name = (config.findtext("name") or "").strip()
+        config = ET.fromstring(info.xml)
+        el = config.find("name")
+        if el is not None:
+            el.text = name
+        config_xml = ET.tostring(config, encoding="unicode")
     _abi_check(dom.connect(), image, config_xml, (config.findtext("name") or "").strip(), scratch)
     cmd = config.find(f"{{{QEMU_NS}}}commandline")
     if cmd is None:

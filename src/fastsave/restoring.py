@@ -20,7 +20,7 @@ import time
 
 import libvirt
 
-from . import engine, restore_xml, watch
+from . import channels, engine, restore_xml, trace, watch
 from .saving import FD_NAME, STOP_TIMEOUT, cause_of, destroy
 from .store import ImageStore, StoreError
 from .virt import fail, qmp
@@ -53,7 +53,9 @@ def restore(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, op
                        f"cannot restore domain {name}: {e}; {keep}") from e
         resume = info.was_running and not flags & libvirt.VIR_DOMAIN_START_PAUSED
         store.mark_saving(uuid, {"op": "restore", "resume": resume, "pid": os.getpid()})
-        _run(dom, store, uuid, flags, opts, xml, image_fd, path, keep, resume)
+        # The image's channel count says how QEMU takes it: index 0 is the main channel.
+        multifd = info.channels - 1
+        _run(dom, store, uuid, flags, opts, xml, image_fd, path, keep, resume, multifd)
     except BaseException:
         os.close(image_fd)
         raise
@@ -64,37 +66,61 @@ def restore(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, op
 
 
 def _run(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts: object, xml: str,
-         image_fd: int, path: str, keep: str, resume: bool) -> None:
+         image_fd: int, path: str, keep: str, resume: bool, multifd: int = 0) -> None:
     name = dom.name()
     uri = dom.connect().getURI()
     direct = opts.direct is True or bool(flags & libvirt.VIR_DOMAIN_START_BYPASS_CACHE)  # type: ignore[attr-defined]
     deadline = None if opts.timeout is None else time.monotonic() + opts.timeout  # type: ignore[attr-defined]
     worker: EngineProcess | None = None
     live: libvirt.virDomain | None = None
+    multi: channels.RestoreChannels | None = None
     r = -1
     try:
+        if multifd:  # QEMU listens (multifd needs a socket); the engine starts once it is fed
+            watch.check_abort()
+            trace.emit("restore.qemu-starting", name)
+            live = dom.connect().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+            trace.emit("restore.qemu-started", name)
+            multi = channels.RestoreChannels(live, multifd)
+            multi.start()
+            out_fds = multi.connect()
+            try:
+                worker = EngineProcess.restore(image_fd, out_fds, opts.progress,  # type: ignore[attr-defined]
+                                               threads=opts.threads, direct=direct)  # type: ignore[attr-defined]
+            finally:
+                for fd in out_fds:
+                    os.close(fd)
+                multi.close()
+            channels.destroy_if_engine_fails(live, worker)
         # The engine starts (and checks the image) while QEMU starts; it
         # blocks on the full pipe until QEMU reads.
-        r, w = os.pipe2(os.O_CLOEXEC)
-        try:
-            worker = EngineProcess.restore(image_fd, w, opts.progress,  # type: ignore[attr-defined]
-                                           threads=opts.threads, direct=direct)  # type: ignore[attr-defined]
-        finally:
-            os.close(w)
-        watch.check_abort()
-        live = dom.connect().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
-        try:
-            qmp(live, "getfd", {"fdname": FD_NAME}, fds=[r])
-        finally:
-            os.close(r)
-            r = -1
-        qmp(live, "migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+        else:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            try:
+                worker = EngineProcess.restore(image_fd, w, opts.progress,  # type: ignore[attr-defined]
+                                               threads=opts.threads, direct=direct)  # type: ignore[attr-defined]
+            finally:
+                os.close(w)
+            watch.check_abort()
+            trace.emit("restore.qemu-starting", name)
+            live = dom.connect().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+            trace.emit("restore.qemu-started", name)
+            try:
+                qmp(live, "getfd", {"fdname": FD_NAME}, fds=[r])
+            finally:
+                os.close(r)
+                r = -1
+            qmp(live, "migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+        trace.emit("restore.incoming", name)
         watch.wait_migration(live, worker, "incoming migration",
                              stall_timeout=opts.stall_timeout, deadline=deadline)  # type: ignore[attr-defined]
-        worker.result(timeout=watch.WORKER_GRACE)
+        trace.emit("restore.streamed", name)
+        stats = worker.result(timeout=watch.WORKER_GRACE)
     except BaseException as e:
         if r >= 0:
             os.close(r)
+        if multi is not None:
+            multi.close()
         # QEMU did not start: its error is the cause, not the engine's broken pipe
         cause = (str(e) or type(e).__name__) if live is None else cause_of(e, worker)
         if worker is not None:
@@ -112,13 +138,17 @@ def _run(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts:
         raise fail(libvirt.VIR_ERR_OPERATION_FAILED,
                    f"restore of domain {name} from {path} failed: {cause}; {keep}{left}") from e
     store.revoke_token(uuid)
+    if multi is not None:  # the guest runs on with one stream, as a plain start leaves it
+        channels.disable(lambda c, a: qmp(live, c, a))
     complete(live, store, uuid, resume)
+    trace.emit("restore.done", name, stats=stats)
     store.clear_saving_mark(uuid)
 
 
 def complete(live: libvirt.virDomain, store: ImageStore, uuid: str, resume: bool) -> None:
     """The state lives in QEMU now: the image is stale from here on. Removed
-    (durably) before the guest may run. Also how recovery finishes a restore
+    (durably, libvirt's link to a published image first: store.remove_image)
+    before the guest may run. Also how recovery finishes a restore
     whose process died after the stream was in."""
     store.remove_image(uuid)
     restore_xml.unbind_definition(live)

@@ -7,7 +7,10 @@ recovery reads the mark):
   pause -> migrate into the engine's pending file   dies: pending dropped, guest resumed
   QEMU "completed" + engine durable -> commit        dies: image present, guest paused ->
                                                      recovery finishes the save (stops it)
-  destroy                                            done: mark cleared
+  destroy                                            dies: recovery stops it
+  publish (a hard link at libvirt's managed-save     dies: a record without its link means
+  path, when this libvirt reads the format)                not published (published.py)
+  done: mark cleared
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 
 import libvirt
 
-from . import watch
+from . import channels, published, trace, watch
 from .errors import FastsaveError
 from .store import ImageStore
 from .virt import fail, qmp
@@ -46,34 +49,51 @@ def save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_run
     uri = dom.connect().getURI()
     path = store.pending_path(uuid)
     worker: EngineProcess | None = None
+    multi: channels.SaveChannels | None = None
     old_bandwidth = None
     deadline = None if opts.timeout is None else time.monotonic() + opts.timeout  # type: ignore[attr-defined]
     try:
+        n = channels.check_count(getattr(opts, "channels", 1))
         watch.check_abort()
         if was_running:
             dom.suspend()
         old_bandwidth = (qmp(dom, "query-migrate-parameters") or {}).get("max-bandwidth")
         qmp(dom, "migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
-        r, w = os.pipe2(os.O_CLOEXEC)
+        if n > 1:  # QEMU's multifd: main + n channels, accepted from QEMU only
+            multi = channels.SaveChannels(dom, n)
+            multi.start()
+            in_fds = multi.accept(check=lambda: channels.check_migration(dom, "migration"))
+            w = -1
+        else:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            in_fds = [r]
         try:
             worker = EngineProcess.save(
-                r, path, opts.progress, mode=opts.mode, level=opts.level,  # type: ignore[attr-defined]
+                in_fds if multi else in_fds[0], path, opts.progress, mode=opts.mode, level=opts.level,  # type: ignore[attr-defined]
                 chunk_size=opts.chunk_size, xml=xml, name=name, uuid=uuid,  # type: ignore[attr-defined]
                 was_running=comes_back_running, threads=opts.threads, direct=direct)  # type: ignore[attr-defined]
         finally:
-            os.close(r)
-        try:
-            qmp(dom, "getfd", {"fdname": FD_NAME}, fds=[w])
-        finally:
-            os.close(w)
-        qmp(dom, "migrate", {"uri": f"fd:{FD_NAME}"})
+            for fd in in_fds:
+                os.close(fd)
+        if w >= 0:
+            try:
+                qmp(dom, "getfd", {"fdname": FD_NAME}, fds=[w])
+            finally:
+                os.close(w)
+            qmp(dom, "migrate", {"uri": f"fd:{FD_NAME}"})
+        trace.emit("save.migrating", name)
         watch.wait_migration(dom, worker, "migration", stall_timeout=opts.stall_timeout,  # type: ignore[attr-defined]
                              deadline=deadline)
-        worker.result(timeout=watch.WORKER_GRACE)
+        trace.emit("save.streamed", name)
+        stats = worker.result(timeout=watch.WORKER_GRACE)
         store.commit_pending(uuid)
+        trace.emit("save.committed", name, stats=stats)
     except BaseException as e:
         cause = cause_of(e, worker)
         state, settled = roll_back(dom, worker, was_running, old_bandwidth, uri, uuid)
+        if multi is not None:  # after the cancel: QEMU refuses it during a migration
+            multi.close()
+            channels.disable(lambda c, a: qmp(dom, c, a))
         if settled:
             with contextlib.suppress(OSError):
                 store.clear_saving_mark(uuid)
@@ -81,6 +101,8 @@ def save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_run
                    f"managed save of domain {name} failed: {cause}; no image was kept and {state}"
                    ) from e
     finish_save(dom, uri, uuid, name, store.image_path(uuid))
+    trace.emit("save.stopped", name)
+    published.publish(dom, store, uuid)
     store.clear_saving_mark(uuid)
 
 

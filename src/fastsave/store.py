@@ -11,6 +11,7 @@ opened directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -26,12 +27,37 @@ from . import engine
 from .config import CONFIG_PATH, HOOK_DIR, STORE_MARKER, SYSTEM_DIR, ConfigError, hook_installed
 from .config import load as load_config
 
-__all__ = ["ImageStore", "StoreError", "DomainBusy", "UnguardedStore", "default_image_dir",
-           "open_store", "require_guarded", "SYSTEM_DIR", "IMAGE_SUFFIX", "STORE_MARKER"]
+__all__ = ["ImageStore", "StoreError", "DomainBusy", "UnguardedStore", "Publication",
+           "default_image_dir", "open_store", "require_guarded", "SYSTEM_DIR", "IMAGE_SUFFIX",
+           "STORE_MARKER", "PUBLISHED_KIND"]
 
 IMAGE_SUFFIX = ".fsimg"
 _ORPHAN = re.compile(r"^\.([0-9a-f-]{36})\.orphaned-[0-9]+(?:-[0-9]+)?" + re.escape(IMAGE_SUFFIX) + "$")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+# The record of an image made visible at libvirt's managed-save path (published.py).
+PUBLISHED_KIND = "published"
+
+
+@dataclasses.dataclass(frozen=True)
+class Publication:
+    """What the store knows of an image's link at libvirt's managed-save path.
+
+    `linked`: the link at `path` is there now and is the image itself (same
+    inode): derived from the file system at every look, never trusted from
+    the record alone. `consumed`: the link was made and is gone (libvirt
+    restored or discarded the state: force-boot, managedsave-remove,
+    undefine --managed-save), so the store's copy is stale."""
+
+    directory: str
+    name: str
+    linked: bool
+    consumed: bool
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, self.name)
 
 
 class StoreError(Exception):
@@ -320,7 +346,9 @@ class ImageStore:
         return fd
 
     def remove_image(self, dom_uuid: str) -> bool:
-        """Removes the image durably; True if there was one."""
+        """Removes the image durably, libvirt's link to it first (see
+        unpublish); True if there was one."""
+        self.unpublish(dom_uuid)
         try:
             os.unlink(self._image_name(dom_uuid), dir_fd=self.fd)
         except FileNotFoundError:
@@ -356,7 +384,9 @@ class ImageStore:
         or None if there was no image."""
         src = self._image_name(dom_uuid)
         if self._lstat(src) is None:
+            self.unpublish(dom_uuid)
             return None
+        self.unpublish(dom_uuid)  # first: libvirt must not find it either
         base = f".{canonical_uuid(dom_uuid)}.orphaned-{int(time.time())}"
         n = 0
         while self._lstat(dst := base + (f"-{n}" if n else "") + IMAGE_SUFFIX) is not None:
@@ -376,6 +406,145 @@ class ImageStore:
                 except ValueError:
                     continue
         return out
+
+    # -- publication: a hard link to the image at libvirt's managed-save path
+    #
+    # Order, and what each crash leaves: the record (linked: false) is written
+    # first, then the link made under a temporary name and renamed into place,
+    # then the record says linked: true. A record without its link before
+    # that means nothing (not published); a link is always known by a record,
+    # so every removal of the image finds it. Only a link that was made and
+    # is gone means libvirt took the state (Publication.consumed).
+
+    def _pub_tmp(self, dom_uuid: str) -> str:
+        return f".fastsave-{canonical_uuid(dom_uuid)}.tmp"
+
+    def _read_publication(self, dom_uuid: str) -> dict[str, object] | None:
+        try:
+            data = json.loads(self._read_small(self._side_name(dom_uuid, PUBLISHED_KIND)))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _open_libvirt_dir(directory: str) -> int:
+        """libvirt's save directory: a plain directory only root (or we) may change."""
+        fd = os.open(os.path.realpath(os.path.dirname(directory)) + "/" + os.path.basename(directory),
+                     _DIR_FLAGS)
+        st = os.fstat(fd)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            os.close(fd)
+            raise StoreError(f"{directory} is not a directory only root may change "
+                             f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); not linking "
+                             f"an image into it")
+        return fd
+
+    def publish(self, dom_uuid: str, directory: str, name: str) -> str | None:
+        """Makes the image visible as `directory/name` by a hard link (no
+        copy), atomically (link to a temporary name, rename). Returns the
+        path, or None when a hard link is impossible there (another file
+        system). A file already at that path is replaced: a domain that ran
+        after it was written has no saved state in it (libvirt's own rule)."""
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise StoreError(f"{name!r} cannot name a file in {directory}")
+        image = self._image_name(dom_uuid)
+        st = self._lstat(image)
+        if st is None:
+            raise FileNotFoundError(errno.ENOENT, "no image to publish", self.image_path(dom_uuid))
+        dfd = self._open_libvirt_dir(directory)
+        try:
+            record = {"dir": directory, "name": name, "dev": st.st_dev, "ino": st.st_ino}
+            self._write_small(self._side_name(dom_uuid, PUBLISHED_KIND),
+                              json.dumps(dict(record, linked=False)))
+            self._sync_dir()
+            tmp = self._pub_tmp(dom_uuid)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dfd)
+            try:
+                os.link(image, tmp, src_dir_fd=self.fd, dst_dir_fd=dfd, follow_symlinks=False)
+            except OSError as e:
+                self._clear_publication(dom_uuid)
+                if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    return None
+                raise
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.fsync(dfd)
+            self._write_small(self._side_name(dom_uuid, PUBLISHED_KIND),
+                              json.dumps(dict(record, linked=True)))
+            self._sync_dir()
+            return os.path.join(directory, name)
+        finally:
+            os.close(dfd)
+
+    def publication(self, dom_uuid: str) -> Publication | None:
+        """The image's publication, or None if it has none (no image, no
+        record, or a record of an earlier image)."""
+        rec = self._read_publication(dom_uuid)
+        st = self._lstat(self._image_name(dom_uuid))
+        if not rec or st is None:
+            return None
+        try:
+            directory, name = str(rec["dir"]), str(rec["name"])
+            mine = (int(rec["dev"]), int(rec["ino"]))  # type: ignore[call-overload]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if mine != (st.st_dev, st.st_ino):
+            return None  # the record of an image since replaced
+        try:
+            there = os.stat(os.path.join(directory, name), follow_symlinks=False)
+            linked = stat.S_ISREG(there.st_mode) and (there.st_dev, there.st_ino) == mine
+        except OSError:
+            linked = False
+        return Publication(directory, name, linked, bool(rec.get("linked")) and not linked)
+
+    def unpublish(self, dom_uuid: str) -> None:
+        """Removes libvirt's link to the image (at the recorded path, and a
+        temporary one a crash left), if it is still the image or the one the
+        record was made for, then the record. The store's image stays."""
+        rec = self._read_publication(dom_uuid)
+        if rec is None:
+            return
+        try:
+            directory, name = str(rec["dir"]), str(rec["name"])
+            ours = {(int(rec["dev"]), int(rec["ino"]))}  # type: ignore[call-overload]
+        except (KeyError, TypeError, ValueError):
+            self._clear_publication(dom_uuid)
+            return
+        st = self._lstat(self._image_name(dom_uuid))
+        if st is not None:
+            ours.add((st.st_dev, st.st_ino))
+        try:
+            dfd = self._open_libvirt_dir(directory)
+        except FileNotFoundError:
+            self._clear_publication(dom_uuid)
+            return
+        try:
+            for n in (name, self._pub_tmp(dom_uuid)):
+                try:
+                    there = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(there.st_mode) and (there.st_dev, there.st_ino) in ours:
+                    os.unlink(n, dir_fd=dfd)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._clear_publication(dom_uuid)
+
+    def release_to_libvirt(self, dom_uuid: str) -> None:
+        """libvirt is restoring the published image: the store lets go of it
+        (its name and the record); libvirt's link keeps the data until
+        libvirt removes it after the restore (or keeps it if that fails)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._image_name(dom_uuid), dir_fd=self.fd)
+        self._clear_publication(dom_uuid)
+        self._sync_dir()
+
+    def _clear_publication(self, dom_uuid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._side_name(dom_uuid, PUBLISHED_KIND), dir_fd=self.fd)
 
     # -- locks
 

@@ -14,7 +14,9 @@ putting that directory on sys.path), whatever the install layout.
 
 Protocol: the JSON job comes on the child's stdin, read to EOF (never in argv:
 it holds the domain XML with its secrets, and may exceed the size of one
-argument). stdout carries JSON lines, {"progress": stats} while running and one
+argument): the operation, the image path, the stream fds ("fds", one per
+channel, inherited at the same numbers), the engine options
+(`engine.EngineOptions.to_dict()`) and the call's other arguments ("kw"). stdout carries JSON lines, {"progress": stats} while running and one
 final {"ok": true, "stats": ...} or {"ok": false, "type": ..., "message": ...}
 with errno/filename/filename2 for an OSError and path/offset/chunk for an
 ImageError, so the parent raises the same exception with the same details.
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import engine, errors
@@ -80,10 +82,11 @@ class EngineProcess:
     is kept in `callback_error` and the child's output is still drained.
     """
 
-    def __init__(self, job: dict[str, Any], fd: int,
+    def __init__(self, job: dict[str, Any], fds: int | Sequence[int],
                  progress: Callable[[engine.Stats], None] | None = None,
                  keep_fds: tuple[int, ...] = ()) -> None:
-        job = dict(job, fd=fd, parent=os.getpid())
+        fds = [fds] if isinstance(fds, int) else list(fds)
+        job = dict(job, fds=fds, parent=os.getpid())
         if "path" in job:  # the child runs in "/"
             job["path"] = os.path.abspath(os.fspath(job["path"]))
         data = json.dumps(job, default=str).encode()
@@ -95,7 +98,7 @@ class EngineProcess:
         self._high = (0, 0)
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-c", _BOOTSTRAP, _PACKAGE_DIR],
-            pass_fds=[fd, *keep_fds], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            pass_fds=[*fds, *keep_fds], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             close_fds=True, cwd="/", env=dict(CHILD_ENV),
         )
         self._reader = threading.Thread(target=self._read, name="fastsave-worker-out", daemon=True)
@@ -111,16 +114,31 @@ class EngineProcess:
                 pass
 
     @classmethod
-    def save(cls, in_fd: int, path: str, progress: Callable[[engine.Stats], None] | None = None,
-             **kw: Any) -> EngineProcess:
-        return cls({"op": "save", "path": path, "kw": kw}, in_fd, progress)
+    def save(cls, in_fds: int | Sequence[int], path: str,
+             progress: Callable[[engine.Stats], None] | None = None,
+             options: engine.EngineOptions | None = None, **kw: Any) -> EngineProcess:
+        """`in_fds`: one fd or one per channel. Engine options come as
+        `options`, or as their keywords (mode=, level=, ...), which override
+        it; the other keywords (xml=, name=, uuid=, was_running=) go to
+        `engine.save_stream`. Options are checked here, before the child starts."""
+        names = {f.name for f in dataclasses.fields(engine.EngineOptions)}
+        opts = (options or engine.EngineOptions()).with_overrides(
+            **{k: v for k, v in kw.items() if k in names})
+        rest = {k: v for k, v in kw.items() if k not in names}
+        return cls({"op": "save", "path": path, "options": opts.to_dict(), "kw": rest}, in_fds,
+                   progress)
 
     @classmethod
-    def restore(cls, image_fd: int, out_fd: int,
-                progress: Callable[[engine.Stats], None] | None = None, **kw: Any) -> EngineProcess:
-        """The child reads the very file the parent opened and checked."""
-        return cls({"op": "restore", "path": f"/proc/self/fd/{image_fd}", "kw": kw}, out_fd,
-                   progress, keep_fds=(image_fd,))
+    def restore(cls, image_fd: int, out_fds: int | Sequence[int],
+                progress: Callable[[engine.Stats], None] | None = None,
+                options: engine.EngineOptions | None = None, **kw: Any) -> EngineProcess:
+        """The child reads the very file the parent opened and checked.
+        `out_fds`: one per channel of the image; keywords threads=, direct=,
+        slots= override `options`."""
+        job: dict[str, Any] = {"op": "restore", "path": f"/proc/self/fd/{image_fd}", "kw": kw}
+        if options is not None:
+            job["options"] = options.to_dict()
+        return cls(job, out_fds, progress, keep_fds=(image_fd,))
 
     def _read(self) -> None:
         """Drains the child's stdout to EOF, whatever a message or a callback does."""
@@ -259,10 +277,11 @@ def main() -> int:
         kw = dict(job.get("kw", {}))
         kw["progress"] = lambda s: _emit({"progress": dataclasses.asdict(s)})
         kw.setdefault("progress_interval", 0.25)
+        options = engine.EngineOptions.from_dict(job["options"]) if "options" in job else None
         if job["op"] == "save":
-            stats = engine.save_stream(job["fd"], job["path"], **kw)
+            stats = engine.save_stream(job["fds"], job["path"], options, **kw)
         else:
-            stats = engine.restore_stream(job["path"], job["fd"], **kw)
+            stats = engine.restore_stream(job["path"], job["fds"], options, **kw)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         _emit(_describe(e))
         return 1

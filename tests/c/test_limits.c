@@ -285,12 +285,12 @@ static void limits_index_builder(void)
     struct fs_index_build b;
     struct fs_job job;
     case_begin("limit: index builder at FS_CHUNKS_MAX");
-    fs_index_init(&b);
+    fs_index_init(&b, 1);
     EXPECT(b.max == FS_CHUNKS_MAX, "max %llu", (unsigned long long)b.max);
     b.max = 3;
     for (int i = 0; i < 3; i++)
-        EXPECT(fs_index_add(&b, CH, CH, 0, 0, (uint64_t)i) == 0, "add %d", i);
-    EXPECT(fs_index_add(&b, CH, CH, 0, 0, 9) == -EFBIG, "a fourth chunk was accepted");
+        EXPECT(fs_index_add(&b, 0, CH, CH, 0, 0, (uint64_t)i) == 0, "add %d", i);
+    EXPECT(fs_index_add(&b, 0, CH, CH, 0, 0, 9) == -EFBIG, "a fourth chunk was accepted");
     EXPECT(b.count == 3 && b.cap <= 3, "count %llu cap %llu", (unsigned long long)b.count,
            (unsigned long long)b.cap);
     memset(&job, 0, sizeof job);

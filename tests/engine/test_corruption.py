@@ -139,7 +139,7 @@ def test_newer_major_version_is_refused(tmp_path):
     data = sample("text", CHUNK)
     img, raw, info = make_image(tmp_path, "zstd", data)
     b = bytearray(raw)
-    struct.pack_into("<H", b, len(b) - 16, 2)  # trailer's major version field
+    struct.pack_into("<H", b, len(b) - 16, 3)  # trailer major version: one this reader does not know
     (tmp_path / "bad").write_bytes(b)
     err = check_rejected(tmp_path / "bad", data, UnsupportedImageVersion)
     assert "version" in str(err)

@@ -86,9 +86,9 @@ def test_many_threads_with_the_largest_chunks_stay_within_the_buffer_limit(tmp_p
     assert 1 <= job.stats.threads <= 6
 
 
-def test_default_threads_never_exceed_the_limit(monkeypatch):
+def test_usable_cpus_never_exceed_the_thread_limit(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(1000)))
-    assert engine._default_threads() == lib.FS_THREADS_MAX
+    assert engine.usable_cpus() == lib.FS_THREADS_MAX
 
 
 # ---------------------------------------------------------------- index limit

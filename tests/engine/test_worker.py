@@ -250,7 +250,7 @@ def _flip_chunk_2(raw: bytes, info: engine.ImageInfo) -> bytes:
 
 def _new_major(raw: bytes, info: engine.ImageInfo) -> bytes:
     b = bytearray(raw)
-    struct.pack_into("<H", b, len(b) - 16, 2)
+    struct.pack_into("<H", b, len(b) - 16, 3)  # a major this reader does not know
     return bytes(b)
 
 

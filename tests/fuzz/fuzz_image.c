@@ -67,7 +67,8 @@ static uint64_t fix_index(uint8_t *p, size_t n, uint64_t po, uint64_t io, uint64
     uint8_t *plain = NULL;
     for (uint64_t i = 0; i < count; i++, ent += FS_INDEX_ENTRY_SIZE) {
         struct fs_entry e;
-        fs_decode_entry(ent, &e);
+        uint32_t channel;
+        fs_decode_entry(ent, &e, FS_FORMAT_MAJOR, &channel); /* fixes up single-channel images */
         int in_file = off <= n && e.stored_len <= n - off;
         if (in_file && (e.flags & FS_ENTRY_COMPRESSED))
             e.check = (uint32_t)fs_digest(p + off, e.stored_len);
@@ -95,7 +96,7 @@ static uint64_t fix_index(uint8_t *p, size_t n, uint64_t po, uint64_t io, uint64
             chain_ok = 0;           /* the restore stops at this chunk anyway */
             chain = e.chain;
         }
-        fs_encode_entry(ent, &e);
+        fs_encode_entry(ent, &e, FS_FORMAT_MAJOR, 0);
         off += e.stored_len;
     }
     free(plain);
@@ -153,8 +154,10 @@ static void check_error(const char *call, int rc, const struct fs_job *job)
 static void check_info(const struct fs_image_info *in)
 {
     CHECK(in->chunk_size >= FS_CHUNK_MIN && in->chunk_size <= FS_CHUNK_MAX, "chunk_size %u", in->chunk_size);
-    /* chunk_count == ceil(stream_len / chunk_size), computed without overflow */
-    uint64_t want = in->stream_len / in->chunk_size + (in->stream_len % in->chunk_size != 0);
+    /* chunk_count == the sum of ceil(channel length / chunk_size), without overflow */
+    uint64_t want = 0;
+    for (uint32_t c = 0; c < in->channels && c < FS_CHANNELS_MAX; c++)
+        want += in->channel_len[c] / in->chunk_size + (in->channel_len[c] % in->chunk_size != 0);
     CHECK(in->chunk_count == want, "chunk_count %llu for stream_len %llu and chunk_size %u",
           (unsigned long long)in->chunk_count, (unsigned long long)in->stream_len, in->chunk_size);
     CHECK(in->chunks_compressed <= in->chunk_count, "more compressed chunks than chunks");
@@ -166,7 +169,14 @@ static void check_info(const struct fs_image_info *in)
           "xml_len %llu does not fit the XML region", (unsigned long long)in->xml_len);
     CHECK(in->libvirt_format == FS_LV_FORMAT_RAW || in->libvirt_format == FS_LV_FORMAT_ZSTD, "libvirt format");
     CHECK(in->codec == (in->libvirt_format == FS_LV_FORMAT_ZSTD ? FS_CODEC_ZSTD : FS_CODEC_RAW), "codec");
-    CHECK(in->major == FS_FORMAT_MAJOR, "major %u", in->major);
+    CHECK(in->major == FS_FORMAT_MAJOR ? in->channels == 1
+                                       : in->major == FS_FORMAT_MAJOR_CHANNELS && in->channels >= 2 &&
+                                             in->channels <= FS_CHANNELS_MAX,
+          "major %u with %u channels", in->major, in->channels);
+    uint64_t total = 0;
+    for (uint32_t c = 0; c < in->channels && c < FS_CHANNELS_MAX; c++)
+        total += in->channel_len[c];
+    CHECK(total == in->stream_len, "channel lengths do not add up to the stream length");
     CHECK(in->name_len < sizeof in->name && in->name[in->name_len] == 0, "name not NUL-terminated");
     CHECK(memchr(in->version, 0, sizeof in->version) != NULL, "version not NUL-terminated");
 }

@@ -56,7 +56,10 @@ static void same_meta(const struct fs_meta *a, const struct fs_meta *b)
               a->created_ns == b->created_ns && memcmp(a->uuid, b->uuid, 16) == 0 &&
               a->name_len == b->name_len && a->version_len == b->version_len &&
               memcmp(a->name, b->name, a->name_len) == 0 &&
-              memcmp(a->version, b->version, a->version_len) == 0,
+              memcmp(a->version, b->version, a->version_len) == 0 && a->channels == b->channels &&
+              memcmp(a->channel_len, b->channel_len, a->channels * sizeof a->channel_len[0]) == 0 &&
+              (a->channels == 1 ||
+               memcmp(a->channel_chain, b->channel_chain, a->channels * sizeof a->channel_chain[0]) == 0),
           "metadata changed across encode/decode");
 }
 
@@ -74,14 +77,18 @@ static void meta(const uint8_t *data, size_t size)
         free(buf);
         return;
     }
-    CHECK(m.major == FS_FORMAT_MAJOR, "major %u", m.major);
+    CHECK(m.major == FS_FORMAT_MAJOR ? m.channels == 1
+                                     : m.major == FS_FORMAT_MAJOR_CHANNELS && m.channels >= 2 &&
+                                           m.channels <= FS_CHANNELS_MAX,
+          "major %u with %u channels", m.major, m.channels);
     CHECK(m.name_len < FS_NAME_MAX && m.version_len < FS_VERSION_MAX, "string lengths");
     const uint8_t *nm = (const uint8_t *)m.name, *ver = (const uint8_t *)m.version;
     CHECK(nm >= buf + 8 && nm + m.name_len <= buf + size - 8, "name outside the frame content");
     CHECK(ver >= buf + 8 && ver + m.version_len <= buf + size - 8, "version outside the frame content");
 
     /* what an encoder makes of these fields decodes to the same fields;
-     * the encoder writes major/minor 1.0 and auto_mode as 0/1 */
+     * the encoder writes minor 0, the major of its channel count and
+     * auto_mode as 0/1 */
     struct fs_meta m2;
     m.minor = FS_FORMAT_MINOR;
     size_t len = fs_meta_size(&m);
@@ -111,7 +118,10 @@ static void trailer(const uint8_t *data, size_t size)
         check_refusal("fs_decode_trailer", rc, &why);
     } else {
         CHECK(rc == 0, "fs_decode_trailer returned %d", rc);
-        CHECK(t.major == FS_FORMAT_MAJOR, "major %u", t.major);
+        CHECK(t.major == FS_FORMAT_MAJOR ? t.channels == 1
+                                         : t.major == FS_FORMAT_MAJOR_CHANNELS && t.channels >= 2 &&
+                                               t.channels <= FS_CHANNELS_MAX,
+              "major %u with %u channels", t.major, t.channels);
         fs_encode_trailer(buf, &t);
         memset(&t2, 0, sizeof t2);
         CHECK(fs_decode_trailer(buf, &t2, &why) == 0, "re-encoded trailer does not decode: %s", why.what);
@@ -164,13 +174,17 @@ static void index_head(const uint8_t *data, size_t size)
 
 static void entries(const uint8_t *data, size_t size)
 {
-    uint8_t buf[FS_INDEX_ENTRY_SIZE];
-    for (size_t off = 0; off + FS_INDEX_ENTRY_SIZE <= size && off < 64 * FS_INDEX_ENTRY_SIZE;
-         off += FS_INDEX_ENTRY_SIZE) {
-        struct fs_entry e;
-        fs_decode_entry(data + off, &e);
-        fs_encode_entry(buf, &e);
-        CHECK(memcmp(buf, data + off, FS_INDEX_ENTRY_SIZE) == 0, "entry changed across decode/encode");
+    uint8_t buf[FS_INDEX_ENTRY2_SIZE];
+    for (uint32_t major = FS_FORMAT_MAJOR; major <= FS_FORMAT_MAJOR_CHANNELS; major++) {
+        size_t esize = fs_entry_size(major);
+        for (size_t off = 0; off + esize <= size && off < 64 * esize; off += esize) {
+            struct fs_entry e;
+            uint32_t channel;
+            if (fs_decode_entry(data + off, &e, major, &channel) != 0)
+                continue; /* reserved bytes set: refused */
+            CHECK(fs_encode_entry(buf, &e, major, channel) == esize, "entry size");
+            CHECK(memcmp(buf, data + off, esize) == 0, "entry changed across decode/encode");
+        }
     }
 }
 

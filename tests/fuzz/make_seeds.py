@@ -3,8 +3,9 @@
     python make_seeds.py OUTDIR [--qemu]
 
 OUTDIR/image/  images saved by fastsave (raw, zstd and auto mode, 64 KiB
-               chunks, a few KiB to ~300 KiB, empty stream, XML and names),
-               each preceded by the fuzz_image control byte (see fuzz_image.c)
+               chunks, a few KiB to ~300 KiB, empty stream, XML and names,
+               images of several channels), each preceded by the fuzz_image
+               control byte (see fuzz_image.c)
 OUTDIR/meta/   pieces of those images for fuzz_meta: metadata frames,
                trailers, index frames, a stored raw-block chunk frame
 
@@ -72,6 +73,23 @@ def save(data: bytes, path: str, tmp: str, **kw) -> bytes:
         return f.read()
 
 
+def save_channels(datas: list[bytes], path: str, tmp: str, **kw) -> bytes:
+    """An image of several channels (format 2.x), one stream file each."""
+    fds = []
+    try:
+        for i, data in enumerate(datas):
+            src = os.path.join(tmp, f"channel-{i}")
+            with open(src, "wb") as f:
+                f.write(data)
+            fds.append(os.open(src, os.O_RDONLY))
+        engine.save_stream(fds, path, chunk_size=CHUNK, threads=1, direct=False, **kw)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def pieces(img: bytes) -> dict[str, bytes]:
     """Metadata frame, index frame and trailer of an image, by its trailer."""
     t = img[-TRAILER:]
@@ -133,6 +151,19 @@ def main() -> int:
             ctl = FIX | (TWO_THREADS if i % 2 else 0)
             with open(os.path.join(img_dir, name), "wb") as f:
                 f.write(bytes([ctl]) + img)
+            count += 1
+        # several channels (no fix-up: it knows the single-channel index only)
+        multi = [
+            ("channels-3-zstd", [stream(rng, "mixed", 2 * CHUNK + 9), b"", stream(rng, "text", 70 << 10)],
+             dict(mode="zstd", name="vm-multi")),
+            ("channels-2-raw", [stream(rng, "random", 5000), stream(rng, "mixed", CHUNK + 1)],
+             dict(mode="raw", xml=XML.format(name="vm-multi", mem=4096))),
+        ]
+        for i, (name, datas, kw) in enumerate(multi):
+            img = save_channels(datas, os.path.join(tmp, name + ".img"), tmp, **kw)
+            images.append((name, img))
+            with open(os.path.join(img_dir, name), "wb") as f:
+                f.write(bytes([TWO_THREADS if i % 2 else 0]) + img)
             count += 1
         # a few without fix-up, so the checksum checks themselves stay covered
         for name, img in images[:4]:

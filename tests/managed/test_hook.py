@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastsave import config, hook, restore_xml, store
+from fastsave import config, engine, hook, restore_xml, store
 from fastsave.store import ImageStore, UnguardedStore, open_store, require_guarded
 
 
@@ -232,3 +232,125 @@ def test_saves_refuse_stores_the_guard_does_not_cover(tmp_path):
     conf.write_text("store = mine\n")
     with pytest.raises(UnguardedStore, match=f"{conf}: line 1.*saves are refused"):
         require_guarded(mine, **kw)
+
+
+# -- images published at libvirt's managed-save path (published.py) -------------
+# The hook hands them to fastsave's own check (a python -I child that loads
+# the package by its directory); these run it as libvirtd would, with a
+# libvirt save directory and definitions directory of the test's own.
+
+class Published:
+    """A valid raw image for domain `name`, bound to a definition in
+    host.root/qemu (the hook's definitions directory), linked into a save
+    directory as published.publish would."""
+
+    def __init__(self, host: Host, tmp: Path, name: str = "web") -> None:
+        self.host, self.name, self.uuid = host, name, str(_uuid.uuid4())
+        self.binding = restore_xml.new_binding()
+        self.save_dir = host.root / "libvirt-save"
+        self.save_dir.mkdir(mode=0o700, exist_ok=True)
+        self.defs = Path(hook.definitions_dir(str(host.hooks)))
+        self.defs.mkdir(exist_ok=True)
+        self.define(self.binding)
+        stream = tmp / "stream"
+        stream.write_bytes(os.urandom(3 << 20))
+        xml = restore_xml.clean_for_image(dom_xml(self.uuid, name), self.binding)
+        self.image = host.system / f"{self.uuid}.fsimg"
+        with open(stream, "rb") as src:
+            engine.save_stream(src.fileno(), self.image, mode="raw", xml=xml, name=name,
+                               uuid=self.uuid, chunk_size=1 << 20)
+        os.chmod(self.image, 0o600)
+        with ImageStore(host.system) as s:
+            assert s.publish(self.uuid, str(self.save_dir), name + ".save")
+        self.link = self.save_dir / f"{name}.save"
+
+    def define(self, binding: str | None) -> None:
+        meta = (f"<metadata><s:saved xmlns:s='{restore_xml.BIND_NS}' image='{binding}'/></metadata>"
+                if binding else "")
+        (self.defs / f"{self.name}.xml").write_text(
+            f"<domain type='qemu'><name>{self.name}</name><uuid>{self.uuid}</uuid>{meta}</domain>")
+
+    def start(self, phase: str = "prepare", name: str | None = None):
+        # On libvirt's restore path the XML on stdin is the image's own.
+        return self.host.run(dom_xml(self.uuid, name or self.name), name or self.name, phase,
+                             "begin", "-")
+
+    def orphans(self) -> list[Path]:
+        return sorted(self.host.system.glob(f".{self.uuid}.orphaned-*"))
+
+
+def test_a_published_intact_image_is_left_to_libvirt(host, tmp_path):
+    p = Published(host, tmp_path)
+    assert p.link.samefile(p.image)
+    r = p.start()
+    assert r.returncode == 0, r.stderr
+    assert p.link.samefile(p.image)  # untouched: libvirt restores it next
+    r = p.start("started")  # libvirt restored it: the store lets go, libvirt's link stays
+    assert r.returncode == 0 and not p.image.exists() and p.link.exists()
+    assert not (host.system / f".{p.uuid}.published").exists()
+
+
+def test_a_corrupt_published_image_is_refused_and_set_aside(host, tmp_path):
+    p = Published(host, tmp_path)
+    with open(p.image, "r+b") as f:  # one byte in the middle of the stream
+        f.seek(p.image.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = p.start()
+    assert r.returncode == 1
+    assert "refusing to start domain web" in r.stderr and "failed its check" in r.stderr
+    assert not p.link.exists() and not p.image.exists(), "libvirt must not find it"
+    assert len(p.orphans()) == 1 and str(p.orphans()[0]) in r.stderr
+    assert p.start().returncode == 0  # nothing saved any more: the next start boots fresh
+
+
+def test_a_published_image_of_an_earlier_definition_is_refused(host, tmp_path):
+    p = Published(host, tmp_path)
+    p.define(None)  # defined again after the save (same name and UUID), without the binding
+    r = p.start()
+    assert r.returncode == 1 and "current definition" in r.stderr
+    assert not p.link.exists() and not p.image.exists() and len(p.orphans()) == 1
+
+
+def test_libvirt_discarding_the_link_discards_fastsaves_copy(host, tmp_path):
+    """virsh start --force-boot / managedsave-remove remove libvirt's file:
+    the state is gone for libvirt, so fastsave's copy goes, and the start
+    (a fresh boot) goes on."""
+    p = Published(host, tmp_path)
+    p.link.unlink()
+    r = p.start()
+    assert r.returncode == 0, r.stderr
+    assert not p.image.exists() and not p.orphans()
+
+
+def test_after_a_rename_plain_starts_are_refused_with_a_pointer(host, tmp_path):
+    """libvirt restores no image whose XML names another domain: after a
+    rename the state is fastsave start's, and libvirt's link is withdrawn."""
+    p = Published(host, tmp_path)
+    (p.defs / "web.xml").rename(p.defs / "shop.xml")
+    p.name = "shop"
+    r = p.start(name="shop")  # libvirt looked for shop.save and found none
+    assert r.returncode == 1 and "renamed" in r.stderr and "fastsave start shop" in r.stderr
+    assert not p.link.exists() and p.image.exists()
+    assert p.start(name="shop").returncode == 1  # unpublished now: the usual pointer
+
+
+def test_an_unpublished_image_is_still_refused_with_a_pointer(host, tmp_path):
+    p = Published(host, tmp_path)
+    with ImageStore(host.system) as s:
+        s.unpublish(p.uuid)
+    assert not p.link.exists() and p.image.exists()
+    r = p.start()
+    assert r.returncode == 1 and "fastsave start web" in r.stderr
+    assert p.image.exists()
+
+
+def test_the_check_failing_to_run_refuses_the_start(host, tmp_path):
+    p = Published(host, tmp_path)
+    text = host.path.read_text().replace(f"FASTSAVE_PYTHON = {sys.executable!r}",
+                                         "FASTSAVE_PYTHON = '/nonexistent/python3'")
+    host.path.write_text(text)
+    r = p.start()
+    assert r.returncode == 1 and "cannot check" in r.stderr
+    assert p.link.samefile(p.image)  # nothing touched

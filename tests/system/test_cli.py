@@ -30,12 +30,22 @@ def test_single_domain_commands(make_system_guest):
     assert r.returncode == 0 and f"Domain '{name}' state saved" in r.stdout
     r = fs("--json", "has", name)
     assert json.loads(r.stdout) == {"domain": name, "image": True}
-    r = fs("--json", "list")
+    r = fs("--json", "list", "--images")  # the store's images, as `list` showed them before
     rows = [x for x in json.loads(r.stdout) if x["name"] == name]
     assert len(rows) == 1 and rows[0]["uuid"] == dom.UUIDString() and rows[0]["codec"] == "zstd"
     assert rows[0]["was_running"] is True and rows[0]["bytes"] > 0
-    r = fs("list")
+    r = fs("list", "--images")
     assert r.returncode == 0 and name in r.stdout and "uuid" in r.stdout.splitlines()[0]
+    r = fs("list", "--all", "--json")  # virsh list, options after the verb
+    rows = [x for x in json.loads(r.stdout) if x["name"] == name]
+    assert rows[0]["state"] == "saved" and rows[0]["managed_save"] is True
+    assert rows[0]["image"]["codec"] == "zstd"
+    r = fs("list", "--all")
+    assert any(ln.split()[1:] == [name, "saved"] for ln in r.stdout.splitlines()[2:] if ln.strip())
+    r = fs("list", "--name")
+    assert r.returncode == 0 and name not in r.stdout.split()  # running domains only
+    r = fs("dumpxml", dom.UUIDString())
+    assert r.returncode == 0 and f"<name>{name}</name>" in r.stdout
     r = fs("verify", name)
     assert r.returncode == 0 and r.stdout.startswith("OK: ")
     path = fastsave.image_store(dom.connect()).image_path(dom.UUIDString())

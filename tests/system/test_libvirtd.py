@@ -3,11 +3,14 @@ starts, and autostart across a daemon restart (a simulated host boot)."""
 from __future__ import annotations
 
 import subprocess
+import time
+from pathlib import Path
 
 import libvirt
 import pytest
 
 import fastsave
+from fastsave import published
 from testkit import guest
 from testkit.system_daemon import restart_libvirtd
 
@@ -52,8 +55,11 @@ def virsh(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_plain_libvirt_start_is_refused_with_a_pointer_to_fastsave(make_system_guest):
+    """An image libvirt cannot restore (not published: a format this libvirt
+    cannot read, another file system): plain starts are refused."""
     dom = make_system_guest(64)
     fastsave.managed_save(dom)
+    fastsave.image_store(dom.connect()).unpublish(dom.UUIDString())  # as where libvirt cannot read it
     r = virsh("start", dom.name())
     assert r.returncode != 0
     assert "fastsave start" in r.stderr and "saved state" in r.stderr
@@ -68,14 +74,47 @@ def test_plain_libvirt_start_is_refused_with_a_pointer_to_fastsave(make_system_g
     assert r.returncode == 0, r.stderr
 
 
-def test_autostart_across_a_daemon_restart(make_system_guest, system_libvirtd):
+def host_boot() -> None:
+    """libvirtd as at a host boot: /run is empty, so libvirt's marker that it
+    has autostarted its domains once since boot is gone, and it runs autostart."""
+    Path("/run/libvirt/qemu/autostarted").unlink(missing_ok=True)
+    restart_libvirtd()
+
+
+def test_autostart_restores_a_published_state_by_libvirt_itself(make_system_guest, system_libvirtd):
+    dom = make_system_guest(128)
+    dom.setAutostart(1)
+    name, uuid = dom.name(), dom.UUIDString()
+    before = guest.read_state(dom)
+    fastsave.managed_save(dom, mode="raw")  # a format every libvirt reads: published
+    assert (Path(published.SYSTEM_SAVE_DIR) / f"{name}.save").exists()
+
+    host_boot()  # the host comes back: libvirtd's autostart restores it
+    conn = libvirt.open(system_libvirtd)
+    dom = conn.lookupByUUIDString(uuid)
+    deadline = time.monotonic() + 60
+    while not dom.isActive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    after = guest.wait_booted(dom)
+    assert after.boot_id == before.boot_id and after.counter > before.counter
+    assert not (Path(published.SYSTEM_SAVE_DIR) / f"{name}.save").exists()
+    assert fastsave.has_managed_save_image(dom) == 0
+    assert fastsave.autostart(conn) == []  # nothing left for fastsave's boot entry point
+    dom.setAutostart(0)
+    conn.close()
+
+
+def test_autostart_of_an_unpublished_state_is_refused_and_left_to_fastsave(make_system_guest,
+                                                                          system_libvirtd):
     dom = make_system_guest(128)
     dom.setAutostart(1)
     name, uuid = dom.name(), dom.UUIDString()
     before = guest.read_state(dom)
     fastsave.managed_save(dom)
+    fastsave.image_store(dom.connect()).unpublish(uuid)  # as where libvirt cannot read it
 
-    restart_libvirtd()  # the host comes back: libvirtd's autostart runs, and is refused
+    host_boot()  # the host comes back: libvirtd's autostart runs, and is refused
     conn = libvirt.open(system_libvirtd)
     dom = conn.lookupByUUIDString(uuid)
     assert not dom.isActive(), "libvirtd's autostart booted the domain fresh"
