@@ -94,7 +94,7 @@ class JobProgress:
     not known yet); a failing one is ignored."""
 
     def __init__(self, label: str, percent: Callable[[], float | None],
-                 stream: TextIO | None = None, interval: float = 0.5) -> None:
+                 stream: TextIO | None = None, interval: float = 0.25) -> None:
         self.label = label
         self.percent = percent
         self.out = stream or sys.stderr
@@ -118,13 +118,15 @@ class JobProgress:
             self.out.flush()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        while True:  # a first figure at once, then one per interval
             try:
                 p = self.percent()
             except Exception:  # noqa: BLE001 - progress is never worth a failure
-                continue
+                p = None
             if p is not None:
                 self._show(min(max(p, 0.0), 99.99))
+            if self._stop.wait(self.interval):
+                return
 
     def _show(self, p: float) -> None:
         p = int(p * 100) / 100.0  # two decimals, never rounded up to 100
