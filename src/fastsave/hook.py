@@ -73,16 +73,7 @@ DEFINITIONS = @DEFINITIONS@
 # fastsave itself, run only for an image it made visible to libvirt (see check()).
 FASTSAVE_PYTHON = @FASTSAVE_PYTHON@
 FASTSAVE_PACKAGE = @FASTSAVE_PACKAGE@
-BOOTSTRAP = """\
-import sys, importlib.util as u
-d = sys.argv[1]
-s = u.spec_from_file_location("fastsave", d + "/__init__.py", submodule_search_locations=[d])
-m = u.module_from_spec(s)
-sys.modules["fastsave"] = m
-s.loader.exec_module(m)
-import fastsave.published
-sys.exit(fastsave.published.hook_main(sys.argv[2:]))
-"""
+BOOTSTRAP = @BOOTSTRAP@
 
 
 @PARSER@
@@ -230,7 +221,7 @@ def hook_script(config_path: str = CONFIG_PATH, system_dir: str = SYSTEM_DIR,
                 hook_dir: str = HOOK_DIR) -> str:
     from .restore_xml import TOKEN_NS
     from .store import IMAGE_SUFFIX, PUBLISHED_KIND
-    from .worker import _PACKAGE_DIR
+    from .worker import _PACKAGE_DIR, bootstrap
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
     values = {
         "@PYTHON@": python,
@@ -244,6 +235,7 @@ def hook_script(config_path: str = CONFIG_PATH, system_dir: str = SYSTEM_DIR,
         "@DEFINITIONS@": repr(definitions_dir(hook_dir)),
         "@FASTSAVE_PYTHON@": repr(sys.executable),
         "@FASTSAVE_PACKAGE@": repr(_PACKAGE_DIR),
+        "@BOOTSTRAP@": repr(bootstrap("published", "hook_main(sys.argv[2:])")),
         "@PARSER@": parser_source(),
     }
     text = _TEMPLATE

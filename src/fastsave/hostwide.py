@@ -15,7 +15,6 @@ a saved state, then removes the record.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -182,18 +181,8 @@ def _wait_off(d: libvirt.virDomain, until: float) -> bool:
 # -- the record of running guests
 
 def _write_record(store: ImageStore, text: str) -> None:
-    """Root-only, atomic: a crash leaves the old record or the new one."""
-    tmp = RECORD_NAME + ".new"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=store.fd)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=store.fd)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, RECORD_NAME, src_dir_fd=store.fd, dst_dir_fd=store.fd)
-    os.fsync(store.fd)
+    store.write_small(RECORD_NAME, text)
+    os.fsync(store.fd)  # the record must survive the power-off that follows
 
 
 def read_record(store: ImageStore) -> tuple[list[str], str | None]:

@@ -273,7 +273,7 @@ class ImageStore:
         """Writes the marker (see config.STORE_MARKER) if it is missing."""
         if self.marked:
             return
-        self._write_small(STORE_MARKER, "fastsave image store; the libvirt hook refuses every "
+        self.write_small(STORE_MARKER, "fastsave image store; the libvirt hook refuses every "
                                         "domain start while this file is missing\n")
         self._sync_dir()
 
@@ -456,7 +456,7 @@ class ImageStore:
         dfd = self._open_libvirt_dir(directory)
         try:
             record = {"dir": directory, "name": name, "dev": st.st_dev, "ino": st.st_ino}
-            self._write_small(self._side_name(dom_uuid, PUBLISHED_KIND),
+            self.write_small(self._side_name(dom_uuid, PUBLISHED_KIND),
                               json.dumps(dict(record, linked=False)))
             self._sync_dir()
             tmp = self._pub_tmp(dom_uuid)
@@ -471,7 +471,7 @@ class ImageStore:
                 raise
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             os.fsync(dfd)
-            self._write_small(self._side_name(dom_uuid, PUBLISHED_KIND),
+            self.write_small(self._side_name(dom_uuid, PUBLISHED_KIND),
                               json.dumps(dict(record, linked=True)))
             self._sync_dir()
             return os.path.join(directory, name)
@@ -591,7 +591,7 @@ class ImageStore:
     # guest to resume.
 
     def mark_saving(self, dom_uuid: str, info: dict[str, object]) -> None:
-        self._write_small(self._side_name(dom_uuid, "saving"), json.dumps(info))
+        self.write_small(self._side_name(dom_uuid, "saving"), json.dumps(info))
 
     def peek_saving_mark(self, dom_uuid: str) -> dict[str, object] | None:
         """The saving mark, left in place; None if there is none, {} if it is unreadable."""
@@ -621,7 +621,7 @@ class ImageStore:
 
     def issue_token(self, dom_uuid: str) -> str:
         token = _uuid.uuid4().hex
-        self._write_small(self._side_name(dom_uuid, "token"), token)
+        self.write_small(self._side_name(dom_uuid, "token"), token)
         return token
 
     def revoke_token(self, dom_uuid: str) -> None:
@@ -637,7 +637,9 @@ class ImageStore:
                 raise OSError(errno.EINVAL, "not a regular file", name)
             return f.read(1 << 16).decode("utf-8", "replace")
 
-    def _write_small(self, name: str, text: str) -> None:
+    def write_small(self, name: str, text: str) -> None:
+        """A small root-only file in the store, replaced atomically: a crash
+        leaves the old text or the new one."""
         tmp = name + ".new"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=self.fd)

@@ -50,16 +50,21 @@ CHILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 # Loads the package from the directory given as argv[1] (the parent's), then
 # runs the worker. Only the package itself comes from there: its directory is
 # not added to sys.path, so nothing else in it can shadow a module.
-_BOOTSTRAP = """\
-import sys, importlib.util as u
-d = sys.argv[1]
-s = u.spec_from_file_location("fastsave", d + "/__init__.py", submodule_search_locations=[d])
-m = u.module_from_spec(s)
-sys.modules["fastsave"] = m
-s.loader.exec_module(m)
-import fastsave.worker
-sys.exit(fastsave.worker.main())
-"""
+def bootstrap(module: str, call: str) -> str:
+    """`python -I -c` text that loads fastsave from the directory in argv[1]
+    and runs `fastsave.MODULE.CALL` as the exit status (also the hook's)."""
+    return ("import sys, importlib.util as u\n"
+            "d = sys.argv[1]\n"
+            's = u.spec_from_file_location("fastsave", d + "/__init__.py", '
+            "submodule_search_locations=[d])\n"
+            "m = u.module_from_spec(s)\n"
+            'sys.modules["fastsave"] = m\n'
+            "s.loader.exec_module(m)\n"
+            f"import fastsave.{module}\n"
+            f"sys.exit(fastsave.{module}.{call})\n")
+
+
+_BOOTSTRAP = bootstrap("worker", "main()")
 
 _IMAGE_ERRORS: dict[str, type[errors.ImageError]] = {
     cls.__name__: cls for cls in (
