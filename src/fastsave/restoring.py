@@ -86,7 +86,7 @@ def _run(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts:
             out_fds = multi.connect()
             try:
                 worker = EngineProcess.restore(image_fd, out_fds, opts.progress,  # type: ignore[attr-defined]
-                                               threads=opts.threads, direct=direct)  # type: ignore[attr-defined]
+                                               opts.engine_options(direct))  # type: ignore[attr-defined]
             finally:
                 for fd in out_fds:
                     os.close(fd)
@@ -98,7 +98,7 @@ def _run(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts:
             r, w = os.pipe2(os.O_CLOEXEC)
             try:
                 worker = EngineProcess.restore(image_fd, w, opts.progress,  # type: ignore[attr-defined]
-                                               threads=opts.threads, direct=direct)  # type: ignore[attr-defined]
+                                               opts.engine_options(direct))  # type: ignore[attr-defined]
             finally:
                 os.close(w)
             watch.check_abort()

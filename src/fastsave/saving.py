@@ -69,9 +69,9 @@ def save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_run
             in_fds = [r]
         try:
             worker = EngineProcess.save(
-                in_fds if multi else in_fds[0], path, opts.progress, mode=opts.mode, level=opts.level,  # type: ignore[attr-defined]
-                chunk_size=opts.chunk_size, xml=xml, name=name, uuid=uuid,  # type: ignore[attr-defined]
-                was_running=comes_back_running, threads=opts.threads, direct=direct)  # type: ignore[attr-defined]
+                in_fds if multi else in_fds[0], path, opts.progress,  # type: ignore[attr-defined]
+                opts.engine_options(direct),  # type: ignore[attr-defined]
+                xml=xml, name=name, uuid=uuid, was_running=comes_back_running)
         finally:
             for fd in in_fds:
                 os.close(fd)
