@@ -4,8 +4,6 @@ damage within or across channels is refused before a damaged chunk's byte
 reaches an output. The layout is read here independently of the C reader."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import struct
 import subprocess
@@ -20,6 +18,7 @@ import zstandard
 
 from conftest import CHUNK, sample
 from fastsave import engine
+from testkit.xxh3 import xxh3 as testkit_xxh3
 from fastsave._native import ffi, lib
 from fastsave.errors import Cancelled, ImageCorrupt, ImageError, ImageTruncated
 
@@ -414,25 +413,11 @@ def test_cancel_while_channels_wait(tmp_path):
 
 # ---------------------------------------------------------------- damage
 
-def _xxh3() -> tuple[Callable[[bytes], int], Callable[[bytes, int], int]]:
-    name = ctypes.util.find_library("xxhash") or "libxxhash.so.0"
-    try:
-        xxh = ctypes.CDLL(name)
-    except OSError:
-        pytest.skip("libxxhash is not installed")
-    xxh.XXH3_64bits.restype = ctypes.c_uint64
-    xxh.XXH3_64bits.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-    xxh.XXH3_64bits_withSeed.restype = ctypes.c_uint64
-    xxh.XXH3_64bits_withSeed.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64]
-    return (lambda b: xxh.XXH3_64bits(bytes(b), len(b)),
-            lambda b, seed: xxh.XXH3_64bits_withSeed(bytes(b), len(b), seed))
-
-
 def forge(raw: bytes, change: Callable[[list[tuple[dict, bytes]]], list[tuple[dict, bytes]]]) -> bytes:
     """The image with its chunks (index entry and stored bytes, in file order)
     changed by `change`, and every length, offset and checksum around them
     made consistent again: only the chain values can tell."""
-    xxh3, xxh3_seed = _xxh3()
+    xxh3, xxh3_seed = testkit_xxh3()
     p = parse(raw)
     chunks = [(dict(e), raw[e["offset"]:e["offset"] + e["stored"]]) for e in p["entries"]]
     chunks = change(chunks)

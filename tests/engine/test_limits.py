@@ -2,8 +2,6 @@
 extension exposes them, and images given as open file descriptors."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import struct
 import time
@@ -14,6 +12,7 @@ from conftest import CHUNK, sample
 from fastsave import ImageCorrupt, engine, errors
 from fastsave._native import lib
 from testkit.engine_io import restore_bytes, save_bytes
+from testkit.xxh3 import xxh3 as testkit_xxh3
 
 MIB = 1 << 20
 TRAILER = 128
@@ -93,22 +92,11 @@ def test_usable_cpus_never_exceed_the_thread_limit(monkeypatch):
 
 # ---------------------------------------------------------------- index limit
 
-def _xxh3():
-    name = ctypes.util.find_library("xxhash") or "libxxhash.so.0"
-    try:
-        xxh = ctypes.CDLL(name)
-    except OSError:
-        pytest.skip("libxxhash is not installed")
-    xxh.XXH3_64bits.restype = ctypes.c_uint64
-    xxh.XXH3_64bits.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-    return lambda b: xxh.XXH3_64bits(bytes(b), len(b))
-
-
 def _craft_sparse(src: bytes, dst, count: int) -> None:
     """A copy of `src` whose metadata claims `count` chunks, with an index
     frame of the size that implies, as a sparse file. Header, metadata and
     trailer checksums are right; the index entries are holes."""
-    xxh3 = _xxh3()
+    xxh3 = testkit_xxh3()[0]
     tail = bytearray(src[-TRAILER:])
     meta_off, index_off = struct.unpack_from("<QQ", tail, 8 + 16)
     head = bytearray(src[:index_off])
