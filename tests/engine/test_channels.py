@@ -18,7 +18,7 @@ import zstandard
 
 from conftest import CHUNK, sample
 from fastsave import engine
-from testkit.xxh3 import xxh3 as testkit_xxh3
+from testkit.xxh3 import xxh3 as load_xxh3
 from fastsave._native import ffi, lib
 from fastsave.errors import Cancelled, ImageCorrupt, ImageError, ImageTruncated
 
@@ -417,7 +417,7 @@ def forge(raw: bytes, change: Callable[[list[tuple[dict, bytes]]], list[tuple[di
     """The image with its chunks (index entry and stored bytes, in file order)
     changed by `change`, and every length, offset and checksum around them
     made consistent again: only the chain values can tell."""
-    xxh3, xxh3_seed = testkit_xxh3()
+    xxh3, xxh3_seed = load_xxh3()
     p = parse(raw)
     chunks = [(dict(e), raw[e["offset"]:e["offset"] + e["stored"]]) for e in p["entries"]]
     chunks = change(chunks)

@@ -12,7 +12,7 @@ from conftest import CHUNK, sample
 from fastsave import ImageCorrupt, engine, errors
 from fastsave._native import lib
 from testkit.engine_io import restore_bytes, save_bytes
-from testkit.xxh3 import xxh3 as testkit_xxh3
+from testkit.xxh3 import xxh3 as load_xxh3
 
 MIB = 1 << 20
 TRAILER = 128
@@ -96,7 +96,7 @@ def _craft_sparse(src: bytes, dst, count: int) -> None:
     """A copy of `src` whose metadata claims `count` chunks, with an index
     frame of the size that implies, as a sparse file. Header, metadata and
     trailer checksums are right; the index entries are holes."""
-    xxh3 = testkit_xxh3()[0]
+    xxh3 = load_xxh3()[0]
     tail = bytearray(src[-TRAILER:])
     meta_off, index_off = struct.unpack_from("<QQ", tail, 8 + 16)
     head = bytearray(src[:index_off])
