@@ -105,6 +105,10 @@ def fastsave_channels() -> tuple[int | None, str | None]:
     if "channels" not in fields:
         return 1, "this fastsave has no channels option (fastsave.managed.Options)"
     d = fields["channels"].default
+    if d is None and hasattr(fastsave.channels, "auto_count"):
+        # chosen per save from the CPUs: what a save on this machine gets
+        from fastsave.engine import usable_cpus
+        return fastsave.channels.auto_count(usable_cpus()), None
     return (d if isinstance(d, int) and d > 0 else None), None
 
 

@@ -51,6 +51,7 @@ __all__ = ["ChannelError", "MAIN_MAGIC", "MULTIFD_MAGIC", "INIT_SIZE", "MAX_CHAN
            "SOCKET_ROOT", "SocketDir", "listen", "accept_channels", "connect_channels",
            "classify", "peer_pid", "qemu_pid", "enable", "disable", "domain_qemu_pid",
            "SaveChannels", "RestoreChannels", "check_migration", "check_count",
+           "CPUS_PER_CHANNEL", "AUTO_MAX_CHANNELS", "auto_count", "confined", "choose_count",
            "destroy_if_engine_fails"]
 
 MAIN_MAGIC = 0x5145564D      # "QEVM", QEMU_VM_FILE_MAGIC
@@ -256,8 +257,61 @@ def check_count(channels: object) -> int:
     if isinstance(channels, bool) or not isinstance(channels, int) \
             or not 1 <= channels <= MAX_CHANNELS:
         raise ChannelError(f"channels must be an integer from 1 to {MAX_CHANNELS}, "
-                           f"not {channels!r}")
+                           f"not {channels!r}, or None (chosen per save)")
     return channels
+
+
+# The channel count a save gets when none is asked for (Options.channels None).
+# Each channel costs a QEMU sender thread (and, from QEMU 9, its zero-page
+# scan) and an engine reader that checksums and compresses what it reads: about
+# two busy CPUs while the disk keeps up. Measured on a 2-CPU machine (1.5 GiB
+# guest, QEMU 7.2): 2 channels saved in 1.3-1.4x the time of one stream, 4 in
+# 1.15-1.45x, and restores gained nothing (docs/architecture.md), so a save gets a second channel only
+# from 8 CPUs of its own (4 per channel: the guest's own threads, the engine's
+# writer and the kernel's page-cache and teardown work need the rest), and at
+# most AUTO_MAX_CHANNELS (one disk is rarely faster than 16 x 0.5-1 GB/s).
+CPUS_PER_CHANNEL = 4
+AUTO_MAX_CHANNELS = 16
+
+
+def auto_count(cpus: int) -> int:
+    """The channel count for a save that may use `cpus` CPUs."""
+    n = max(1, cpus) // CPUS_PER_CHANNEL
+    return 1 if n < 2 else min(n, AUTO_MAX_CHANNELS, MAX_CHANNELS)
+
+
+def confined(domain_xml: str) -> str | None:
+    """The security model confining the domain's QEMU (AppArmor, SELinux), if
+    any: such a QEMU may not reach fastsave's socket, so a save whose channel
+    count fastsave chooses keeps to one stream for it."""
+    import xml.etree.ElementTree as ET
+    try:
+        root = ET.fromstring(domain_xml)
+    except ET.ParseError:
+        return "unknown"
+    for label in root.findall("seclabel"):
+        model = label.get("model", "")
+        if label.get("type") != "none" and model in ("apparmor", "selinux"):
+            return model
+    return None
+
+
+def choose_count(dom: object, requested: int | None, cpus: int) -> int:
+    """The channel count of one save: `requested` as given (checked), or for
+    None: auto_count(cpus), kept to 1 where this QEMU has no multifd or its
+    process is confined."""
+    if requested is not None:
+        return check_count(requested)
+    n = auto_count(cpus)
+    if n == 1:
+        return 1
+    from .virt import qmp
+    caps = qmp(dom, "query-migrate-capabilities") or []  # type: ignore[arg-type]
+    if not any(c.get("capability") == "multifd" for c in caps):  # type: ignore[union-attr]
+        return 1
+    if confined(dom.XMLDesc(0)):  # type: ignore[attr-defined]
+        return 1
+    return n
 
 
 def enable(qmp: QmpCall, multifd: int) -> None:

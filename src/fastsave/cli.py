@@ -49,12 +49,27 @@ def _domain(conn: Any, ident: str) -> Any:
     raise fail(libvirt.VIR_ERR_NO_DOMAIN, f"Domain not found: {ident}")
 
 
+def channel_count(text: str) -> int | str:
+    """--channels: "auto" or a count from 1."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a number >= 1, not {text!r}")
+    return n
+
+
 def _options(args: argparse.Namespace) -> Any:
     from .managed import Options
     kw: dict[str, Any] = {}
     for name in ("mode", "level", "threads", "image_dir"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
+    if getattr(args, "channels", None) not in (None, "auto"):
+        kw["channels"] = args.channels
     if getattr(args, "direct", None) is not None:
         kw["direct"] = args.direct
     return Options(**kw)
@@ -168,7 +183,7 @@ def _host_settings(args: argparse.Namespace) -> Any:
         print(f"fastsave: warning: {w}", file=sys.stderr)
     if hs.uri and args.uri in (None, os.environ.get("FASTSAVE_URI", DEFAULT_URI)):
         args.uri = hs.uri
-    for name in ("mode", "level", "threads", "image_dir", "parallel"):
+    for name in ("mode", "level", "threads", "image_dir", "parallel", "channels"):
         if getattr(args, name, None) is None and getattr(hs, name) is not None:
             setattr(args, name, getattr(hs, name))
     if getattr(args, "direct", None) is None and hs.bypass_cache:
@@ -440,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--level", type=int)
         sp.add_argument("--threads", type=int)
         sp.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None)
+        sp.add_argument("--channels", type=channel_count, metavar="N|auto",
+                        help="saves: migration channels (1: one stream; N > 1: QEMU's multifd; "
+                        "auto, the default: from the CPUs); a restore follows its image")
 
     s = sub.add_parser("save", help="managed-save running domains and stop them")
     s.add_argument("domain", nargs="+")

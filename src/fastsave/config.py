@@ -206,6 +206,7 @@ class HostSettings:
     mode: str | None = None           # FASTSAVE_MODE: auto | zstd | raw
     level: int | None = None          # FASTSAVE_LEVEL
     threads: int | None = None        # FASTSAVE_THREADS
+    channels: int | str | None = None  # FASTSAVE_CHANNELS: auto | N (migration channels per save)
     image_dir: str | None = None      # FASTSAVE_IMAGE_DIR
 
 
@@ -266,6 +267,7 @@ _KEYS = {
     "FASTSAVE_MODE": ("mode", _choice("auto", "zstd", "raw")),
     "FASTSAVE_LEVEL": ("level", _level),
     "FASTSAVE_THREADS": ("threads", _positive),
+    "FASTSAVE_CHANNELS": ("channels", lambda v: v if v == "auto" else _positive(v)),
     "FASTSAVE_IMAGE_DIR": ("image_dir", _abspath),
 }
 # Earlier names, still read: a settings file is kept across upgrades.

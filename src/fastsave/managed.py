@@ -73,9 +73,12 @@ class Options:
     stall_timeout: float = 60.0
     timeout: float | None = None
     # Saves: 1 = one migration stream; N > 1 = QEMU's multifd, a main channel
-    # and N memory channels over a private socket (channels.py). Restores
-    # follow the image.
-    channels: int = 1
+    # and N memory channels over a private socket (channels.py); None (the
+    # default) = chosen per save from the CPUs it may use (`threads`, else the
+    # process's): one stream below 8 CPUs, then one channel per 4 CPUs, at
+    # most 16; one stream where QEMU lacks multifd or runs confined by AppArmor
+    # or SELinux (channels.choose_count). Restores follow the image.
+    channels: int | None = None
 
     def engine_options(self, direct: bool) -> engine.EngineOptions:
         """The engine's settings for one save or restore (ValueError for a bad

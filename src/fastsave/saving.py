@@ -21,7 +21,7 @@ import time
 
 import libvirt
 
-from . import channels, published, trace, watch
+from . import channels, engine, published, trace, watch
 from .errors import FastsaveError
 from .store import ImageStore
 from .virt import fail, qmp
@@ -53,7 +53,8 @@ def save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_run
     old_bandwidth = None
     deadline = None if opts.timeout is None else time.monotonic() + opts.timeout  # type: ignore[attr-defined]
     try:
-        n = channels.check_count(getattr(opts, "channels", 1))
+        cpus = min(opts.threads or engine.usable_cpus(), engine.usable_cpus())  # type: ignore[attr-defined]
+        n = channels.choose_count(dom, getattr(opts, "channels", None), cpus)
         watch.check_abort()
         if was_running:
             dom.suspend()

@@ -102,6 +102,10 @@ FASTSAVE_MODE=
 FASTSAVE_LEVEL=
 FASTSAVE_THREADS=
 
+# Migration channels per save: auto (from the CPUs each save may use) or N
+# (1: one stream; N > 1: QEMU's multifd).
+FASTSAVE_CHANNELS=
+
 # Image store (default: /var/lib/fastsave/images); it must be listed in
 # /etc/fastsave/fastsave.conf. Run 'fastsave install-units' again after
 # changing it (the unit requires its mount).

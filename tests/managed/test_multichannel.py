@@ -160,23 +160,11 @@ def test_socket_root_refuses_a_directory_others_may_write(tmp_path: Path) -> Non
 
 # -- managed save and start with Options(channels=N) ------------------------------
 
-def _engine_takes_channels() -> bool:
-    import inspect
-
-    from fastsave.worker import EngineProcess
-    return "in_fds" in inspect.signature(EngineProcess.save).parameters
-
-
-needs_channel_engine = pytest.mark.skipif(
-    not _engine_takes_channels(), reason="the engine does not take several input channels yet")
-
-
 def _image(dom) -> Path:
     import fastsave
     return Path(fastsave.image_store(dom.connect()).image_path(dom.UUIDString()))
 
 
-@needs_channel_engine
 @pytest.mark.parametrize("paused", [True, False], ids=["paused", "running"])
 def test_managed_save_over_two_channels_restores_exact(make_guest, paused: bool) -> None:
     import fastsave
@@ -209,7 +197,6 @@ def test_managed_save_over_two_channels_restores_exact(make_guest, paused: bool)
     assert fastsave.has_managed_save_image(dom) == 0 and not _image(dom).exists()
 
 
-@needs_channel_engine
 def test_foreign_connection_during_managed_save_is_refused(make_guest, monkeypatch) -> None:
     """A local process that connects to the save's socket before QEMU does is
     refused by the peer check, gets no byte, and the save completes."""
@@ -248,7 +235,6 @@ def _engine_children() -> list[int]:
     return [int(x) for x in out.split()]
 
 
-@needs_channel_engine
 @pytest.mark.parametrize("hit", ["killed", "stalled"])
 def test_engine_failure_mid_save_with_channels_rolls_back(make_guest, tmp_path: Path,
                                                           hit: str) -> None:
@@ -290,7 +276,6 @@ def test_engine_failure_mid_save_with_channels_rolls_back(make_guest, tmp_path: 
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
 
 
-@needs_channel_engine
 def test_qemu_killed_mid_save_with_channels(make_guest, tmp_path: Path, monkeypatch) -> None:
     """QEMU dies while its channels stream: the save fails naming it, no
     image is kept (a cut stream never passes for a saved state), and the
@@ -324,7 +309,6 @@ def test_qemu_killed_mid_save_with_channels(make_guest, tmp_path: Path, monkeypa
     assert made and not os.path.exists(made[0].dir.path)
 
 
-@needs_channel_engine
 def test_corrupt_multichannel_image_fails_start_and_is_kept(make_guest, tmp_path: Path) -> None:
     """A bad chunk in a multi-channel image ends the restore while QEMU takes
     its channels: the half-started QEMU is destroyed, the image kept, and
@@ -351,3 +335,63 @@ def test_corrupt_multichannel_image_fails_start_and_is_kept(make_guest, tmp_path
     fastsave.start(dom, libvirt.VIR_DOMAIN_START_FORCE_BOOT)
     guest.wait_booted(dom)
     assert fastsave.has_managed_save_image(dom) == 0
+
+
+# -- the channel count a save gets when none is asked for -------------------------
+
+def test_auto_count_is_one_stream_below_8_cpus_then_grows_to_16() -> None:
+    got = {cpus: channels.auto_count(cpus) for cpus in (0, 1, 2, 4, 7, 8, 11, 12, 16, 32, 64, 1024)}
+    assert got == {0: 1, 1: 1, 2: 1, 4: 1, 7: 1, 8: 2, 11: 2, 12: 3, 16: 4, 32: 8, 64: 16, 1024: 16}
+
+
+def test_confined_reads_the_domains_security_labels() -> None:
+    def xml(*labels: str) -> str:
+        return "<domain type='qemu'><name>g</name>" + "".join(labels) + "</domain>"
+    assert channels.confined(xml()) is None
+    assert channels.confined(xml("<seclabel type='none' model='apparmor'/>")) is None
+    assert channels.confined(xml("<seclabel type='none'/>", "<seclabel type='dynamic' model='dac'/>")) is None
+    assert channels.confined(xml("<seclabel type='dynamic' model='apparmor' relabel='yes'/>")) == "apparmor"
+    assert channels.confined(xml("<seclabel type='dynamic' model='dac'/>",
+                                 "<seclabel type='static' model='selinux'/>")) == "selinux"
+    assert channels.confined("<domain") == "unknown"  # unreadable: one stream
+
+
+def test_choose_count_follows_cpus_qemu_and_confinement(make_guest, monkeypatch) -> None:
+    dom = make_guest(MEM_MIB)
+    _need_multifd(dom)
+    assert channels.choose_count(dom, None, 2) == 1     # this machine's own CPUs
+    assert channels.choose_count(dom, None, 16) == 4
+    assert channels.choose_count(dom, 3, 2) == 3        # asked for: as asked
+    with pytest.raises(channels.ChannelError, match="channels must be"):
+        channels.choose_count(dom, 0, 16)
+    real = dom.XMLDesc
+    monkeypatch.setattr(type(dom), "XMLDesc", lambda self, f=0: real(f).replace(
+        "</domain>", "<seclabel type='dynamic' model='apparmor'/></domain>"))
+    assert channels.choose_count(dom, None, 16) == 1    # a confined QEMU keeps one stream
+
+
+def test_default_save_chooses_channels_from_the_cpus(make_guest, monkeypatch) -> None:
+    """Options() leaves the count to the save: one stream with this machine's
+    CPUs; on a host with 16 CPUs (the count faked) 4 channels, and the image
+    restores exactly."""
+    import fastsave
+    from fastsave import engine
+    dom = make_guest(MEM_MIB)
+    _need_multifd(dom)
+    assert fastsave.Options().channels is None
+    dom.suspend()
+    before = (guest.ram_sha256(dom, MEM_MIB), guest.read_state(dom))
+    if engine.usable_cpus() < 8:
+        assert fastsave.managed_save(dom) == 0
+        assert engine.inspect(_image(dom)).channels == 1
+        assert fastsave.start(dom) == 0
+        assert (guest.ram_sha256(dom, MEM_MIB), guest.read_state(dom)) == before
+    monkeypatch.setattr(engine, "usable_cpus", lambda: 16)
+    assert fastsave.managed_save(dom) == 0
+    assert engine.inspect(_image(dom)).channels == 5  # main + 4
+    assert fastsave.start(dom) == 0
+    assert (guest.ram_sha256(dom, MEM_MIB), guest.read_state(dom)) == before
+    monkeypatch.setattr(engine, "usable_cpus", lambda: 16)
+    assert fastsave.managed_save(dom, threads=4) == 0  # a save given 4 CPUs: one stream
+    assert engine.inspect(_image(dom)).channels == 1
+    assert fastsave.start(dom) == 0

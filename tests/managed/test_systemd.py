@@ -108,6 +108,15 @@ def test_settings_bad_lines_fall_back_to_defaults():
     assert len(w) == 3 and "f:2: ON_SHUTDOWN='suspend' ignored" in w[0]
 
 
+def test_settings_channels_auto_or_a_count():
+    for text, want, warnings in (("FASTSAVE_CHANNELS=auto\n", "auto", 0),
+                                 ("FASTSAVE_CHANNELS=4\n", 4, 0),
+                                 ("FASTSAVE_CHANNELS=0\n", None, 1),
+                                 ("FASTSAVE_CHANNELS=many\n", None, 1)):
+        s, w = parse_host_settings(text, "f")
+        assert (s.channels, len(w)) == (want, warnings), text
+
+
 def test_settings_file_others_may_change_is_not_used(tmp_path):
     p = tmp_path / "fastsave"
     p.write_text("ON_SHUTDOWN=shutdown\n")

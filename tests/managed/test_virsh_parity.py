@@ -16,7 +16,7 @@ import pytest
 
 import fastsave
 import fastsave.connect
-from fastsave import cli, engine, restore_xml
+from fastsave import channels, cli, engine, restore_xml
 from fastsave.store import ImageStore
 from testkit import guest
 
@@ -350,6 +350,21 @@ def test_cli_save_verbose_shows_progress(make_guest, run_cli, tmp_path):
     shown = [float(m) for m in re.findall(r"^Managed save: \[\s*([\d.]+) %\]$", err, re.M)]
     assert shown[-1] == 100.0 and shown == sorted(shown)
     assert any(0 < p < 100 for p in shown), err  # progress while QEMU streamed
+
+
+def test_cli_channels_option(make_guest, run_cli):
+    dom = make_guest(128)
+    rc, _, err = run_cli("save", dom.name(), "--channels", "0")
+    assert rc == 2 and "expected auto or a number >= 1, not '0'" in err
+    assert dom.isActive()
+    rc, _, err = run_cli("save", dom.name(), "--channels", "2")
+    assert rc == 0, err
+    assert engine.inspect(image_path(dom)).channels == 3  # main + 2 multifd channels
+    rc, _, err = run_cli("start", dom.name())
+    assert rc == 0 and dom.isActive(), err
+    rc, _, err = run_cli("save", dom.name(), "--channels", "auto")
+    assert rc == 0, err
+    assert engine.inspect(image_path(dom)).channels == channels.auto_count(engine.usable_cpus())
 
 
 def test_define_then_plain_libvirt_start_restores_the_defined_xml(make_guest):
