@@ -154,8 +154,9 @@ def projection_table(chan: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     disk = meta.get("disk") or {}
     out = [
         "**Projection, not a measurement.** From the target guest's 1-channel rows of this run: "
-        "stream MB/s = the smallest of (channels = cores / 2, each as fast as the one channel "
-        "measured here: half the cores for QEMU's multifd threads, half for fastsave's engine); "
+        "stream MB/s = the smallest of (channels = the count a save gets by default on that "
+        "many cores, one per 4 cores from 8 up to 16 (`fastsave.channels.auto_count`), each as "
+        "fast as the one channel measured here); "
         "(cores / CPU seconds per MB of stream, all processes on the machine, measured here); "
         "(this machine's disk, O_DIRECT "
         f"write {f2(disk.get('write_mb_s'), '.0f')} MB/s / read {f2(disk.get('read_mb_s'), '.0f')} "

@@ -8,6 +8,8 @@ from typing import Any
 from .contenders import BASE, BY_KEY, CONTENDERS, DEFAULT, RAW, SAVER_KINDS, ZSTD_DEFAULT
 from .guests import MAIN_GUEST
 
+from fastsave.channels import auto_count
+
 
 def helper_rss_kib(rec: dict[str, Any]) -> int:
     w = rec.get("save_watch") or {}
@@ -458,7 +460,7 @@ def project(data: dict[str, Any], summ: dict[str, Any], rows: list[dict[str, Any
     """Projected stream throughput on CORE_COUNTS cores, per mode and
     direction, from the target guest's 1-channel row:
 
-        MB/s = min(channels x MB/s of one channel,      channels = cores / 2
+        MB/s = min(channels x MB/s of one channel,      channels = fastsave's choice
                    cores / CPU s per MB,                 all processes, measured
                    this machine's disk x stream / image,
                    memory copy x min(cores, 8) / 3)
@@ -480,7 +482,7 @@ def project(data: dict[str, Any], summ: dict[str, Any], rows: list[dict[str, Any
             if not per_ch:
                 continue
             for cores in CORE_COUNTS:
-                ch = cores // 2
+                ch = auto_count(cores)  # what a save on such a host gets by default
                 bounds = {"channels": ch * per_ch}
                 if cpu:
                     bounds["CPU"] = cores / cpu

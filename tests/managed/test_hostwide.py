@@ -43,8 +43,19 @@ def test_four_guests_saved_together_and_restored(make_guest, embed_conn, fill):
     assert report.total_bytes > 4 * FILL_MIB << 20
     assert all(not d.isActive() and fastsave.has_managed_save_image(d) for d in doms)
 
-    report = restore_all(embed_conn, names=names, parallel=4)
+    import fastsave.hostwide as hostwide
+    direct = []
+
+    def start(d, flags=0, options=None):
+        direct.append(options.direct)
+        return real_start(d, flags, options=options)
+    real_start, hostwide.start = hostwide.start, start
+    try:
+        report = restore_all(embed_conn, names=names, parallel=4)
+    finally:
+        hostwide.start = real_start
     assert report.ok, [r.error for r in report.results]
+    assert direct == [True] * 4  # several at once: O_DIRECT reads, no second copy in the cache
     for d in doms:
         assert d.state()[0] == libvirt.VIR_DOMAIN_PAUSED  # they were saved paused
         ram, st = before[d.name()]
