@@ -133,7 +133,7 @@ def available(libvirt_version: int, only: list[str] | None = None
     for c in CONTENDERS:
         if libvirt_version < c.min_libvirt:
             left[c.key] = f"needs {c.needs}; this is libvirt {ver(libvirt_version)}"
-        elif "channels" in c.params:
+        elif c.kind == "fastsave" and "channels" in c.params:
             n = c.params["channels"]
             dflt = DEFAULT if c.params["mode"] == "auto" else ZSTD_DEFAULT
             if n == default:  # the same call as the default row: run once, as the default
