@@ -25,7 +25,7 @@ def set_channels(vm: QemuVM, multifd: int) -> None:
     """0: the classic single stream; N: multifd with N channels."""
     vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
     if multifd:
-        channels.enable(lambda cmd, args: vm.qmp.execute(cmd, args), multifd)
+        channels.pin_stream(lambda cmd, args: vm.qmp.execute(cmd, args), multifd)
 
 
 def _copy(sock: socket.socket, out: str | None, counts: list[int], i: int,

@@ -49,7 +49,8 @@ log = logging.getLogger("fastsave")
 
 __all__ = ["ChannelError", "MAIN_MAGIC", "MULTIFD_MAGIC", "INIT_SIZE", "MAX_CHANNELS",
            "SOCKET_ROOT", "SocketDir", "listen", "accept_channels", "connect_channels",
-           "classify", "peer_pid", "qemu_pid", "enable", "disable", "domain_qemu_pid",
+           "classify", "peer_pid", "qemu_pid", "KEPT_CAPABILITIES", "pin_stream", "unpin",
+           "domain_qemu_pid",
            "SaveChannels", "RestoreChannels", "check_migration", "check_count",
            "CPUS_PER_CHANNEL", "AUTO_MAX_CHANNELS", "auto_count", "confined", "choose_count",
            "destroy_if_engine_fails"]
@@ -314,20 +315,52 @@ def choose_count(dom: object, requested: int | None, cpus: int) -> int:
     return n
 
 
-def enable(qmp: QmpCall, multifd: int) -> None:
-    """Turns multifd on with `multifd` channels (`qmp(command, args)`)."""
-    check_count(multifd)
-    qmp("migrate-set-capabilities",
-        {"capabilities": [{"capability": "multifd", "state": True}]})
-    qmp("migrate-set-parameters", {"multifd-channels": multifd})
+# Capabilities fastsave leaves as they are. Every other one that is on is
+# turned off for a stream fastsave takes or feeds: another tool may have left
+# it on (a guest restored by libvirt's parallel save keeps mapped-ram and
+# multifd, and QEMU then refuses a migration to an fd), and the others change
+# the stream in ways both sides must share (compression, bitmaps, postcopy),
+# leave memory out of it (x-ignore-shared) or stop it halfway
+# (pause-before-switchover, return-path over a one-way pipe). libvirt follows
+# migration events, so "events" stays.
+KEPT_CAPABILITIES = frozenset({"events"})
 
 
-def disable(qmp: QmpCall) -> None:
-    """Back to one stream (best effort: libvirt sets its own capabilities for
-    its own migrations, but a resumed guest should be left as it was)."""
-    with contextlib.suppress(Exception):
+def pin_stream(qmp: QmpCall, multifd: int) -> dict[str, bool]:
+    """Sets QEMU's migration settings for a stream fastsave takes or feeds:
+    multifd on with `multifd` channels (0: off), every other capability but
+    KEPT_CAPABILITIES off, and, where this QEMU has them, the parameters
+    multifd-compression "none" and mode "normal". Returns the capabilities
+    it changed with their old state, for unpin()."""
+    if multifd:
+        check_count(multifd)
+    caps = {c["capability"]: bool(c["state"])
+            for c in qmp("query-migrate-capabilities", None) or []}  # type: ignore[union-attr]
+    want = {name: False for name, on in caps.items() if on and name not in KEPT_CAPABILITIES}
+    want["multifd"] = bool(multifd)
+    changed = {k: caps.get(k, False) for k, v in want.items() if caps.get(k, False) != v}
+    if changed:
         qmp("migrate-set-capabilities",
-            {"capabilities": [{"capability": "multifd", "state": False}]})
+            {"capabilities": [{"capability": k, "state": want[k]} for k in changed]})
+    params = qmp("query-migrate-parameters", None) or {}
+    pinned: dict[str, object] = {"multifd-channels": multifd} if multifd else {}
+    if params.get("multifd-compression", "none") != "none":  # type: ignore[union-attr]
+        pinned["multifd-compression"] = "none"
+    if params.get("mode", "normal") != "normal":  # type: ignore[union-attr]
+        pinned["mode"] = "normal"
+    if pinned:
+        qmp("migrate-set-parameters", pinned)
+    return changed
+
+
+def unpin(qmp: QmpCall, changed: dict[str, bool]) -> None:
+    """Puts back the capabilities pin_stream changed (best effort: a guest
+    that runs on is left as it was; libvirt sets its own capabilities before
+    its own migrations)."""
+    if changed:
+        with contextlib.suppress(Exception):
+            qmp("migrate-set-capabilities",
+                {"capabilities": [{"capability": k, "state": v} for k, v in changed.items()]})
 
 
 # -- a libvirt domain's QEMU ------------------------------------------------------
@@ -394,6 +427,7 @@ class SaveChannels:
 
     def __init__(self, dom: object, multifd: int) -> None:
         self.dom, self.multifd = dom, multifd
+        self.changed: dict[str, bool] = {}
         self.refused: list[int] = []
         self.pid = domain_qemu_pid(dom)
         self.dir = SocketDir(self.pid)
@@ -406,7 +440,7 @@ class SaveChannels:
 
     def start(self) -> None:
         qmp = _qmp_of(self.dom)
-        enable(qmp, self.multifd)
+        self.changed = pin_stream(qmp, self.multifd)
         qmp("migrate", {"uri": f"unix:{self.dir.socket}"})
 
     def accept(self, check: Callable[[], None] | None = None,
@@ -436,12 +470,13 @@ class RestoreChannels:
 
     def __init__(self, dom: object, multifd: int) -> None:
         self.dom, self.multifd = dom, multifd
+        self.changed: dict[str, bool] = {}
         self.pid = domain_qemu_pid(dom)
         self.dir = SocketDir(self.pid)
 
     def start(self) -> None:
         qmp = _qmp_of(self.dom)
-        enable(qmp, self.multifd)
+        self.changed = pin_stream(qmp, self.multifd)
         qmp("migrate-incoming", {"uri": f"unix:{self.dir.socket}"})
 
     def connect(self, timeout: float = ACCEPT_TIMEOUT) -> list[int]:

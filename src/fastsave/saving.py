@@ -50,6 +50,7 @@ def save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_run
     path = store.pending_path(uuid)
     worker: EngineProcess | None = None
     multi: channels.SaveChannels | None = None
+    changed: dict[str, bool] = {}
     old_bandwidth = None
     deadline = None if opts.timeout is None else time.monotonic() + opts.timeout  # type: ignore[attr-defined]
     try:
@@ -62,10 +63,14 @@ def save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_run
         qmp(dom, "migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
         if n > 1:  # QEMU's multifd: main + n channels, accepted from QEMU only
             multi = channels.SaveChannels(dom, n)
-            multi.start()
+            try:
+                multi.start()
+            finally:
+                changed = multi.changed
             in_fds = multi.accept(check=lambda: channels.check_migration(dom, "migration"))
             w = -1
         else:
+            changed = channels.pin_stream(lambda c, a: qmp(dom, c, a), 0)
             r, w = os.pipe2(os.O_CLOEXEC)
             in_fds = [r]
         try:
@@ -92,9 +97,10 @@ def save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_run
     except BaseException as e:
         cause = cause_of(e, worker)
         state, settled = roll_back(dom, worker, was_running, old_bandwidth, uri, uuid)
-        if multi is not None:  # after the cancel: QEMU refuses it during a migration
+        if multi is not None:
             multi.close()
-            channels.disable(lambda c, a: qmp(dom, c, a))
+        if changed:  # after the cancel: QEMU refuses it during a migration
+            channels.unpin(lambda c, a: qmp(dom, c, a), changed)
         if settled:
             with contextlib.suppress(OSError):
                 store.clear_saving_mark(uuid)

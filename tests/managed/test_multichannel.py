@@ -395,3 +395,47 @@ def test_default_save_chooses_channels_from_the_cpus(make_guest, monkeypatch) ->
     assert fastsave.managed_save(dom, threads=4) == 0  # a save given 4 CPUs: one stream
     assert engine.inspect(_image(dom)).channels == 1
     assert fastsave.start(dom) == 0
+
+
+# -- migration settings another tool left behind ----------------------------------
+
+def _leave_settings(dom) -> dict[str, bool]:
+    """Turns on what another tool may leave on in a guest's QEMU: multifd
+    with zlib compression (libvirt's parallel save leaves multifd on),
+    mapped-ram where QEMU has it (the same; QEMU then refuses an fd),
+    pause-before-switchover (a migration would wait for ever) and
+    x-ignore-shared. Returns the capabilities as they are afterwards."""
+    have = {c["capability"] for c in qmp(dom, "query-migrate-capabilities")}
+    for cap in ("multifd", "mapped-ram", "pause-before-switchover", "x-ignore-shared"):
+        if cap in have:
+            qmp(dom, "migrate-set-capabilities", {"capabilities": [{"capability": cap, "state": True}]})
+    if "multifd-compression" in qmp(dom, "query-migrate-parameters"):
+        qmp(dom, "migrate-set-parameters", {"multifd-compression": "zlib"})
+    caps = {c["capability"]: c["state"] for c in qmp(dom, "query-migrate-capabilities")}
+    assert caps["multifd"] and caps["pause-before-switchover"]
+    return caps
+
+
+def test_save_and_restore_pin_their_migration_settings(make_guest, monkeypatch) -> None:
+    import fastsave
+    from fastsave import engine, saving
+    dom = make_guest(MEM_MIB)
+    _need_multifd(dom)
+    st0 = guest.read_state(dom)
+    for n in (1, 2):  # one stream, then multifd (its compression pinned to none)
+        _leave_settings(dom)
+        assert fastsave.managed_save(dom, channels=n) == 0
+        assert engine.inspect(_image(dom)).channels == (1 if n == 1 else n + 1)
+        assert fastsave.start(dom) == 0
+        st = guest.read_state(dom)
+        assert st.boot_id == st0.boot_id and st.counter >= st0.counter
+    # a save that fails leaves the settings as it found them
+    left = _leave_settings(dom)
+
+    def refuse(*a, **k):
+        raise OSError("injected: the engine cannot start")
+    monkeypatch.setattr(saving.EngineProcess, "save", refuse)
+    with pytest.raises(libvirt.libvirtError, match="injected"):
+        fastsave.managed_save(dom, channels=1)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert {c["capability"]: c["state"] for c in qmp(dom, "query-migrate-capabilities")} == left
