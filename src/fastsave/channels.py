@@ -49,7 +49,7 @@ log = logging.getLogger("fastsave")
 
 __all__ = ["ChannelError", "MAIN_MAGIC", "MULTIFD_MAGIC", "INIT_SIZE", "MAX_CHANNELS",
            "SOCKET_ROOT", "SocketDir", "listen", "accept_channels", "connect_channels",
-           "classify", "peer_pid", "qemu_pid", "KEPT_CAPABILITIES", "pin_stream", "unpin",
+           "classify", "peer_pid", "qemu_pid", "KEPT_CAPABILITIES", "pin_stream", "unpin", "qmp_call",
            "domain_qemu_pid",
            "SaveChannels", "RestoreChannels", "check_migration", "check_count",
            "CPUS_PER_CHANNEL", "AUTO_MAX_CHANNELS", "auto_count", "confined", "choose_count",
@@ -414,7 +414,7 @@ def destroy_if_engine_fails(dom: object, worker: object) -> threading.Thread:
     return t
 
 
-def _qmp_of(dom: object) -> QmpCall:
+def qmp_call(dom: object) -> QmpCall:
     from .virt import qmp
     return lambda command, arguments=None: qmp(dom, command, arguments)  # type: ignore[arg-type]
 
@@ -439,7 +439,7 @@ class SaveChannels:
             raise
 
     def start(self) -> None:
-        qmp = _qmp_of(self.dom)
+        qmp = qmp_call(self.dom)
         self.changed = pin_stream(qmp, self.multifd)
         qmp("migrate", {"uri": f"unix:{self.dir.socket}"})
 
@@ -475,7 +475,7 @@ class RestoreChannels:
         self.dir = SocketDir(self.pid)
 
     def start(self) -> None:
-        qmp = _qmp_of(self.dom)
+        qmp = qmp_call(self.dom)
         self.changed = pin_stream(qmp, self.multifd)
         qmp("migrate-incoming", {"uri": f"unix:{self.dir.socket}"})
 

@@ -110,7 +110,7 @@ def _run(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts:
             finally:
                 os.close(r)
                 r = -1
-            channels.pin_stream(lambda c, a: qmp(live, c, a), 0)
+            channels.pin_stream(channels.qmp_call(live), 0)
             qmp(live, "migrate-incoming", {"uri": f"fd:{FD_NAME}"})
         trace.emit("restore.incoming", name)
         watch.wait_migration(live, worker, "incoming migration",
@@ -140,7 +140,7 @@ def _run(dom: libvirt.virDomain, store: ImageStore, uuid: str, flags: int, opts:
                    f"restore of domain {name} from {path} failed: {cause}; {keep}{left}") from e
     store.revoke_token(uuid)
     if multi is not None:  # the guest runs on with one stream, as a plain start leaves it
-        channels.unpin(lambda c, a: qmp(live, c, a), multi.changed)
+        channels.unpin(channels.qmp_call(live), multi.changed)
     complete(live, store, uuid, resume)
     trace.emit("restore.done", name, stats=stats)
     store.clear_saving_mark(uuid)

@@ -70,7 +70,7 @@ def save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_run
             in_fds = multi.accept(check=lambda: channels.check_migration(dom, "migration"))
             w = -1
         else:
-            changed = channels.pin_stream(lambda c, a: qmp(dom, c, a), 0)
+            changed = channels.pin_stream(channels.qmp_call(dom), 0)
             r, w = os.pipe2(os.O_CLOEXEC)
             in_fds = [r]
         try:
@@ -100,7 +100,7 @@ def save(dom: libvirt.virDomain, store: ImageStore, uuid: str, xml: str, was_run
         if multi is not None:
             multi.close()
         if changed:  # after the cancel: QEMU refuses it during a migration
-            channels.unpin(lambda c, a: qmp(dom, c, a), changed)
+            channels.unpin(channels.qmp_call(dom), changed)
         if settled:
             with contextlib.suppress(OSError):
                 store.clear_saving_mark(uuid)
